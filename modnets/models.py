@@ -1,0 +1,264 @@
+"""Dense and hierarchically modular networks (SPEC §3), every parameter stacked over replicates.
+
+All models map inputs [R, B, ...] and task ids [R, B] to output logits [R, B, n_outputs]:
+R replicates (independent networks, one seed each) run as one batched model, and the
+modules of a layer run as one batched tensor op on weights stacked [R, modules, in, out].
+Replicate r draws all its parameters from its own generator, in the same order as a
+single run would, so replicate r of an R-replicate model *is* the model of seed + r.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from modnets.circuits import Circuit
+from modnets.config import ConfigError, check
+from modnets.routers import (
+    InputRouter,
+    LocationRouter,
+    Routing,
+    known_input_logits,
+    known_location_logits,
+)
+
+
+def stacked(generators: list[torch.Generator], draw) -> torch.Tensor:
+    """draw(generator) for each replicate, stacked on a leading replicate dimension."""
+    return torch.stack([draw(g) for g in generators])
+
+
+def uniform(shape, bound: float):
+    return lambda g: torch.empty(shape).uniform_(-bound, bound, generator=g)
+
+
+def normal(shape):
+    return lambda g: torch.randn(shape, generator=g)
+
+
+class ModuleBank(nn.Module):
+    """`n` MLPs with widths `arch` (Linear+ReLU, linear output); weights [R, n, in, out].
+
+    Initialised like torch.nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
+    """
+
+    def __init__(self, generators, n: int, arch: list[int]):
+        super().__init__()
+        self.arch = list(arch)
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for fan_in, fan_out in zip(arch[:-1], arch[1:]):
+            bound = 1 / math.sqrt(fan_in)
+            self.weights.append(nn.Parameter(stacked(generators, uniform((n, fan_in, fan_out), bound))))
+            self.biases.append(nn.Parameter(stacked(generators, uniform((n, fan_out), bound))))
+
+    def forward(self, x: torch.Tensor, masks=None) -> torch.Tensor:
+        """Module i on its own input: x [R, B, n, in] -> [R, B, n, out]."""
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if masks is not None:
+                w = w * masks[i]
+            x = torch.einsum("rbni,rnio->rbno", x, w) + b.unsqueeze(1)
+            if i < last:
+                x = torch.relu(x)
+        return x
+
+    def every_module(self, x: torch.Tensor) -> torch.Tensor:
+        """Every module on every slot's input: x [R, B, slots, in] -> [R, B, slots, n, out]."""
+        x = x.unsqueeze(3)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.einsum("rbsni,rnio->rbsno", x, w) + b[:, None, None]
+            if i < last:
+                x = torch.relu(x)
+        return x
+
+
+class MLP(nn.Module):
+    """Dense baseline: Linear+ReLU layers and a linear head, with an optional fixed random
+    pruning mask removing `prune_percent` percent of all weights. Multi-task inputs carry
+    the task id as a one-hot vector."""
+
+    def __init__(self, task, routing: Routing | None, generators, hidden=(36, 36, 36), prune_percent=0.0):
+        super().__init__()
+        self.n_tasks = task.n_tasks
+        n_in = task.n_inputs + (self.n_tasks if self.n_tasks > 1 else 0)
+        check(0 <= prune_percent < 100, "model.prune_percent", prune_percent, "a percentage in [0, 100)")
+        check(all(int(h) > 0 for h in hidden), "model.hidden", list(hidden), "positive layer widths")
+        self.net = ModuleBank(generators, 1, [n_in, *map(int, hidden), task.n_outputs])
+        masks = None
+        if prune_percent > 0:
+            shapes = [w.shape[1:] for w in self.net.weights]
+            masks = [[] for _ in shapes]
+            for g in generators:  # scores uniform at random, threshold at the p-th percentile
+                scores = [torch.rand(s, generator=g) for s in shapes]
+                cut = torch.quantile(torch.cat([s.flatten() for s in scores]), prune_percent / 100)
+                for m, s in zip(masks, scores):
+                    m.append((s > cut).float())
+            masks = [torch.stack(m) for m in masks]
+        self.masks = masks
+        for i, m in enumerate(masks or []):
+            self.register_buffer(f"mask{i}", m)
+
+    def forward(self, x, task_id, noise=None):
+        x = x.flatten(2)
+        if self.n_tasks > 1:
+            x = torch.cat([x, nn.functional.one_hot(task_id, self.n_tasks).to(x.dtype)], dim=2)
+        masks = [getattr(self, f"mask{i}") for i in range(len(self.net.weights))] if self.masks else None
+        return self.net(x.unsqueeze(2), masks).squeeze(2)
+
+    def noise_shapes(self) -> dict:
+        return {}
+
+    def routing_summary(self) -> list[dict]:
+        return [{} for _ in range(self.net.weights[0].shape[0])]
+
+
+class ModularNet(nn.Module):
+    """Hierarchically modular network: per layer, routed modules of arity `routing.topk`.
+
+    `shared=False`: one module per slot. `shared=True`: a library of `library_size` modules
+    shared by all layers, each slot picking one through a location router. Layer widths
+    (`num_modules`) default to the task's structure; an output router picks the task's output
+    bits from the last layer (or from all layers with `skip_output`).
+    """
+
+    def __init__(
+        self,
+        task,
+        routing: Routing,
+        generators,
+        num_modules=None,
+        hidden=(12,),
+        shared=False,
+        library_size=None,
+        skip_output=False,
+    ):
+        super().__init__()
+        R, T, k = len(generators), task.n_tasks, int(routing.topk)
+        circuits: list[Circuit] | None = task.circuits
+        if num_modules is None:
+            check(circuits is not None, "model.num_modules", None, "explicit widths: this task has no modular structure")
+            num_modules = task.modularity[1:-1]
+        num_modules = [int(n) for n in num_modules]
+        check(len(num_modules) > 0 and min(num_modules) > 0, "model.num_modules", num_modules, "positive widths")
+        if routing.known:
+            check(circuits is not None, "router", "known", "a task with known structure (not an unstructured table)")
+            truth = task.modularity[1:-1]
+            allowed = f"{truth} to match the task's modularity {task.modularity} under known routing"
+            check(num_modules == truth, "model.num_modules", num_modules, allowed)
+            allowed = f"{circuits[0].arity}, the arity of the task's gates, under known routing"
+            check(k == circuits[0].arity, "router.topk", k, allowed)
+        widths = [task.n_inputs, *num_modules]
+        for i, w in enumerate(widths[:-1]):
+            check(k <= w, "router.topk", k, f"at most {w}, the width of the layer that layer {i + 1} reads")
+        read_by_output = sum(num_modules) if skip_output else num_modules[-1]
+        allowed = f"a last layer of at least {task.n_outputs} modules (one per output bit)"
+        check(task.n_outputs <= read_by_output, "model.num_modules", num_modules, allowed)
+
+        def router(width, consumers, arity, truth):
+            logits = stacked(generators, normal((T, width, consumers)))
+            if truth is not None:
+                logits = known_input_logits((T, width, consumers), truth).expand(R, -1, -1, -1).clone()
+            return InputRouter(logits, arity, routing.tau, routing.gumbel, fixed=truth is not None)
+
+        self.shared, self.skip_output = bool(shared), bool(skip_output)
+        arch = [k, *map(int, hidden), 1]
+        if self.shared:
+            library = sorted({m for c in circuits for layer in c.slots for m in layer}) if circuits else []
+            library_size = int(library_size or len(library))
+            check(library_size > 0, "model.library_size", library_size, "a positive number of shared modules")
+            if routing.known_locations:
+                allowed = f"at least {len(library)}, the task's distinct gates, under known locations"
+                check(library_size >= len(library), "model.library_size", library_size, allowed)
+            self.bank = ModuleBank(generators, library_size, arch)
+            self.locations = nn.ModuleList()
+        else:
+            self.banks = nn.ModuleList()
+        self.routers = nn.ModuleList()
+        for i, (w, n) in enumerate(zip(widths[:-1], widths[1:])):
+            truth = [c.routing[i] for c in circuits] if routing.known_inputs else None
+            self.routers.append(router(w, n, k, truth))
+            if self.shared:
+                logits = stacked(generators, normal((T, library_size, n)))
+                if routing.known_locations:
+                    truth = [c.slots[i] for c in circuits]
+                    logits = known_location_logits((T, library_size, n), truth).expand(R, -1, -1, -1).clone()
+                self.locations.append(LocationRouter(logits, routing.tau, routing.gumbel, routing.known_locations))
+            else:
+                self.banks.append(ModuleBank(generators, n, arch))
+        offset = sum(num_modules[:-1]) if skip_output else 0
+        truth = [[[offset + o for o in c.outputs]] for c in circuits] if routing.known_outputs else None
+        self.output_router = router(read_by_output, 1, task.n_outputs, truth)
+        self.noise_per_sample = routing.per_sample
+
+    def forward(self, x, task_id, noise=None):
+        noise = noise or {}
+        h, outputs = x, []
+        for i, router in enumerate(self.routers):
+            inputs = router(h, task_id, noise.get(f"routers.{i}"))  # [R, B, n, k]
+            if self.shared:
+                scores = self.locations[i](task_id, noise.get(f"locations.{i}"))  # [R, B|1, library, n]
+                h = torch.einsum("rbnl,rbln->rbn", self.bank.every_module(inputs).squeeze(-1), scores)
+            else:
+                h = self.banks[i](inputs).squeeze(-1)
+            outputs.append(h)
+        h = torch.cat(outputs, dim=2) if self.skip_output else h
+        return self.output_router(h, task_id, noise.get("output_router"))[:, :, 0, :]
+
+    def noise_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per noisy router, the shape of one noise draw (logits without replicate and task dims)."""
+        return {
+            name: tuple(m.logits.shape[2:])
+            for name, m in self.named_modules()
+            if isinstance(m, (InputRouter, LocationRouter)) and m.noisy
+        }
+
+    def routing_summary(self) -> list[dict]:
+        """Per replicate, the noise-free routing: input indices per layer, output picks, locations."""
+        layers = [r.selection().tolist() for r in self.routers]
+        out = self.output_router.selection().tolist()
+        locs = [m.selection().tolist() for m in self.locations] if self.shared else None
+        summary = []
+        for r in range(len(out)):
+            s = {"inputs": [layer[r] for layer in layers], "outputs": [t[0] for t in out[r]]}
+            if locs is not None:
+                s["locations"] = [layer[r] for layer in locs]
+            summary.append(s)
+        return summary
+
+
+def parameter_groups(model: nn.Module, routing: Routing | None, lr: float) -> list[dict]:
+    """Trainable parameters in three groups with their own learning rates: module weights (`lr`),
+    input/output routers (`router.lr`) and location routers (`router.location_lr`)."""
+    groups = {"modules": [], "input_routers": [], "location_routers": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("locations."):
+            groups["location_routers"].append(p)
+        elif name.startswith(("routers.", "output_router.")):
+            groups["input_routers"].append(p)
+        else:
+            groups["modules"].append(p)
+    lrs = {"modules": lr}
+    if routing is not None:
+        lrs |= {"input_routers": routing.lr, "location_routers": routing.location_lr}
+    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+
+
+def count_parameters(model: nn.Module, replicates: int) -> dict[str, int]:
+    """Parameter counts of one replicate: total, trainable, and router logits."""
+    def n(ps):
+        return sum(p.numel() for p in ps) // replicates
+
+    named = list(model.named_parameters())
+    return {
+        "total": n(p for _, p in named),
+        "trainable": n(p for _, p in named if p.requires_grad),
+        "routers": n(p for name, p in named if name.startswith(("routers.", "output_router.", "locations."))),
+    }
+
+
+__all__ = ["MLP", "ModularNet", "ModuleBank", "ConfigError", "parameter_groups", "count_parameters"]

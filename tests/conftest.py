@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = str(ROOT / "conf")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def make_cfg(*overrides, output_dir=None):
+    """Compose conf/config.yaml with overrides, as modnets-train would (W&B off unless asked)."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["logger.mode=disabled", "trainer.progress=false", *overrides]
+            + ([f"output_dir={output_dir}"] if output_dir else []),
+        )
+    return cfg
+
+
+@pytest.fixture
+def cfg_in(tmp_path):
+    """cfg_in(*overrides): a composed config writing into a temporary folder."""
+    return lambda *o: make_cfg(*o, output_dir=str(tmp_path / "run"))

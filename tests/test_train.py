@@ -1,0 +1,113 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modnets.train import Evaluator, build, fit, run
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def cli(*args, cwd=None, env=None):
+    """modnets-train as a user runs it; returns the finished process."""
+    env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "modnets.train", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=300
+    )
+
+
+@pytest.mark.parametrize("experiment", ["modular_known", "shared_known"])
+def test_known_routing_reaches_full_heldout_accuracy(cfg_in, experiment):
+    result = run(cfg_in(f"experiment={experiment}"))[0]
+    assert result["config"]["trainer"]["epochs"] == 200 and result["config"]["seed"] == 1
+    assert result["final"]["heldout_acc"] == 1.0
+    assert result["final"]["heldout_exact"] == 1.0
+
+
+@pytest.mark.parametrize("router", ["known", "known_outputs"])
+def test_known_routers_do_not_change_during_training(cfg_in, router):
+    cfg = cfg_in("model=shared", f"router={router}", "trainer.epochs=3", "trainer.batch_size=8")
+    b = build(cfg)
+    before = {n: p.detach().clone() for n, p in b.model.named_parameters()}
+    fit(cfg, b.task, b.model, b.optimizer, b.scheduler, b.generators, Evaluator(b.task, 64), lambda e, m: None)
+    after = dict(b.model.named_parameters())
+    fixed = {"known": ("routers.", "output_router.", "locations."), "known_outputs": ("output_router.",)}[router]
+    for name, p in after.items():
+        changed = not torch.equal(before[name], p)
+        assert changed != name.startswith(fixed), name
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_preset_composes_and_runs(cfg_in, experiment):
+    result = run(cfg_in(f"experiment={experiment}", "trainer.epochs=2"))[0]
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    for split in ("train", "val", "test", "heldout"):
+        for metric in ("loss", "acc", "exact"):
+            assert 0.0 <= result["final"][f"{split}_{metric}"] < 10
+
+
+def test_results_file_contract(cfg_in, tmp_path):
+    run(cfg_in("experiment=shared", "trainer.epochs=4", "trainer.eval_every=2"))
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [h["epoch"] for h in result["history"]] == [2, 4]
+    assert result["final"] == result["history"][-1]
+    assert result["best"]["val_acc"] == max(h["val_acc"] for h in result["history"])
+    assert result["config"]["model"]["library_size"] == 2
+    assert result["params"]["routers"] > 0 and result["params"]["trainable"] <= result["params"]["total"]
+    assert set(result["routing"]) == {"inputs", "outputs", "locations"}
+    for key in ("wall_time_s", "train_time_s", "modnets_version", "git_commit", "status"):
+        assert key in result
+
+
+def test_heldout_is_val_and_test_together(cfg_in):
+    f = run(cfg_in("trainer.epochs=2"))[0]["final"]
+    assert abs(f["heldout_acc"] - (6 * f["val_acc"] + 7 * f["test_acc"]) / 13) < 1e-6
+
+
+def test_mlp_preset_learns_the_training_set(cfg_in):
+    final = run(cfg_in("experiment=mlp", "trainer.epochs=300"))[0]["final"]
+    assert final["train_acc"] == 1.0
+
+
+def test_multirun_sweep_writes_results_and_offline_wandb_runs(tmp_path):
+    proc = cli("-m", "seed=1,2", "experiment=modular", "trainer.epochs=2", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    results = sorted(tmp_path.glob("*/results.json"))
+    assert len(results) == 2
+    seeds = {json.loads(p.read_text())["config"]["seed"] for p in results}
+    assert seeds == {1, 2}
+    runs = sorted(tmp_path.glob("*/wandb/offline-run-*"))
+    assert len(runs) == 2
+    ids = {json.loads(p.read_text())["wandb_id"] for p in results}
+    assert len(ids) == 2
+    assert {run.name.rsplit("-", 1)[-1] for run in runs} == ids
+
+
+def test_modularity_override_reshapes_the_model(cfg_in):
+    result = run(cfg_in("task.modularity=[6,3,3,2,2]", "router=known", "trainer.epochs=1"))[0]
+    assert len(result["routing"]["inputs"]) == 3
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["model=nonexistent"], "model/nonexistent"),
+        (["router.topk=4"], "router.topk"),
+        (["task.train_fraction=0.99"], "task.train_fraction"),
+        (["router=known", "model.num_modules=[3,3]"], "model.num_modules"),
+        (["model=mlp", "task.modularity=[6,4,4,2]"], "task.modularity"),
+        (["trainer.device=tpu"], "trainer.device"),
+        (["trainer.epochs=-1"], "trainer.epochs"),
+    ],
+)
+def test_bad_overrides_exit_nonzero_with_one_line_naming_the_key(tmp_path, overrides, key):
+    proc = cli(*overrides, "logger.mode=disabled", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert key in proc.stderr.splitlines()[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "results.json").exists()
