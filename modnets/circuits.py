@@ -100,3 +100,173 @@ PRESETS: dict[tuple[int, ...], Circuit] = {
         [("OR", (0, 2)), ("OR", (1, 2))],
     ),
 }
+
+
+# Three tasks over the same 6 inputs with gates from {XOR, OR, AND} (SPEC §1, multi-task set).
+# Task 2 reads four distinct first-layer functions, so its circuit has four first-layer gates:
+# a set containing it has the joint layer widths [6, 4, 2, 2] (see `joint_modularity`).
+MULTITASK: list[Circuit] = [
+    PRESETS[(6, 3, 2, 2)],
+    circuit(6, [("OR", (0, 2)), ("OR", (3, 4)), ("OR", (1, 5))], [("AND", (0, 1)), ("AND", (1, 2))]),
+    circuit(
+        6,
+        [("OR", (0, 2)), ("XOR", (4, 5)), ("XOR", (0, 1)), ("OR", (3, 4))],
+        [("AND", (0, 1)), ("AND", (2, 3))],
+    ),
+]
+
+
+def joint_modularity(circuits: list[Circuit]) -> list[int]:
+    """Layer widths that hold every circuit of a multi-task set: the widest of each layer.
+    A circuit narrower than the joint width simply leaves the extra modules of its task unused."""
+    shapes = [c.modularity for c in circuits]
+    ends = {(s[0], len(s), s[-1]) for s in shapes}
+    if len(ends) != 1:
+        raise ValueError(f"circuits of one task set need equal inputs, depth and outputs; got {shapes}")
+    return [max(col) for col in zip(*shapes)]
+
+
+def joint_library(circuits: list[Circuit]) -> tuple[list[str], list[list[list[int]]]]:
+    """The gate types of all circuits in order of first appearance (the shared library of a task
+    set), and each circuit's slots as indices into it (for one circuit: `c.library`, `c.slots`)."""
+    library = list(dict.fromkeys(op for c in circuits for op in c.library))
+    index = {op: i for i, op in enumerate(library)}
+    return library, [[[index[g.op] for g in layer] for layer in c.layers] for c in circuits]
+
+
+# k-ary gates for the generator: TH{t} = at least t inputs on (TH1 = OR, TH{k} = AND, MAJ = TH{k//2+1});
+# PARITY is XOR of k inputs (an alias kept for the original's naming).
+for _t in range(1, 33):
+    GATES[f"TH{_t}"] = lambda b, t=_t: b.sum(1) >= t
+BASIC_GATES = ["AND", "OR", "XOR", "NAND", "NOR", "XNOR"]
+
+
+def default_gates(k: int) -> list[str]:
+    """The generator's default library: the six basic gates, plus majority and the thresholds
+    that differ from OR, AND and majority when k > 2."""
+    if k <= 2:
+        return list(BASIC_GATES)
+    return [*BASIC_GATES, "MAJ", *(f"TH{t}" for t in range(2, k) if t != k // 2 + 1)]
+
+
+def default_widths(n_inputs: int, depth: int, n_outputs: int, k: int) -> list[int]:
+    """Module layer widths for a depth: the last layer is the outputs, each earlier layer at most
+    k times wider than the next (so every module can be read), capped at ceil(n_inputs / k)."""
+    cap = -(-n_inputs // k)
+    return [min(k ** (depth - 1 - i) * n_outputs, max(cap, n_outputs)) for i in range(depth)]
+
+
+def layer_outputs(c: Circuit, x: np.ndarray, flip: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """Every layer's outputs [rows, width]; `flip=(layer, module)` inverts one module's output."""
+    h, out = np.asarray(x, dtype=np.uint8), []
+    for i, layer in enumerate(c.layers):
+        h = np.stack([GATES[g.op](h[:, list(g.inputs)]) for g in layer], 1).astype(np.uint8)
+        if flip is not None and flip[0] == i:
+            h[:, flip[1]] ^= 1
+        out.append(h)
+    return out
+
+
+def check_rows(n_inputs: int, rng: np.random.Generator, max_rows: int = 4096) -> np.ndarray:
+    """All inputs when there are at most `max_rows`, else `max_rows` random ones."""
+    if 2**n_inputs <= max_rows:
+        return bits(np.arange(2**n_inputs), n_inputs)
+    return rng.integers(0, 2, size=(max_rows, n_inputs), dtype=np.uint8)
+
+
+def bits(rows: np.ndarray, n: int) -> np.ndarray:
+    """Row numbers -> their n bits, most significant first (the `itertools.product` order)."""
+    return ((np.asarray(rows)[:, None] >> np.arange(n - 1, -1, -1)) & 1).astype(np.uint8)
+
+
+def is_well_formed(c: Circuit, x: np.ndarray) -> bool:
+    """On the rows x: no module is constant, and inverting any module's output changes some
+    output (every module is used by an output, not only wired to one)."""
+    base = layer_outputs(c, x)
+    if any((h.min(0) == h.max(0)).any() for h in base):
+        return False
+    outputs = base[-1][:, list(c.outputs)]
+    for i, layer in enumerate(c.layers):
+        for j in range(len(layer)):
+            if np.array_equal(layer_outputs(c, x, (i, j))[-1][:, list(c.outputs)], outputs):
+                return False
+    return True
+
+
+MIN_MINORITY = 1 / 32  # the generator's floor on how often a module's rarer output value occurs
+
+
+def random_circuit(
+    n_inputs: int,
+    widths: list[int],
+    k: int = 2,
+    gates: list[str] | None = None,
+    seed: int = 0,
+    tries: int = 200,
+) -> Circuit:
+    """A random layered circuit of k-input gates; its outputs are the whole last layer.
+
+    Guarantees: every module is read by the next layer (every module is reachable from an
+    output), every input bit is read when the first layer has room (`widths[0] * k >= n_inputs`),
+    the k inputs of a module are distinct, no two modules of a layer apply the same gate to the
+    same inputs, no module and no output is constant, and inverting any module changes some
+    output. Functional checks run on the whole truth table up to 12 inputs and on 4096 random
+    rows beyond (passing them on a sample proves non-constancy). Each module's gate is drawn
+    from the library among those whose rarer output value occurs on at least 1/32 of those
+    rows, so that deep circuits do not collapse into near-constant outputs. Deterministic in
+    `seed`; the library is `gates` (default: `default_gates(k)`).
+    """
+    from modnets.config import ConfigError, check
+
+    widths = [int(w) for w in widths]
+    gates = list(gates) if gates is not None else default_gates(k)
+    check(k >= 1, "task.arity", k, "a gate arity >= 1")
+    check(n_inputs >= k, "task.n_inputs", n_inputs, f"at least the gate arity {k}")
+    check(len(widths) > 0 and min(widths) > 0, "task.widths", widths, "positive module counts per layer")
+    check(len(gates) > 0, "task.gates", gates, "a non-empty gate library")
+    for name in gates:
+        check(name in GATES, "task.gates", gates, f"gate names from {BASIC_GATES + ['MAJ', 'PARITY']} or TH<t>")
+        t = int(name[2:]) if name.startswith("TH") else 0
+        check(t <= k, "task.gates", gates, f"thresholds TH<t> with t <= the arity {k}")
+        check(k > 2 or name not in ("MAJ", "PARITY") and not t, "task.gates", gates, "MAJ, PARITY, TH<t> only for arity > 2")
+    for i, (w, reader) in enumerate(zip([n_inputs, *widths[:-1]], widths)):
+        check(w >= k, "task.widths", widths, f"layers of at least {k} modules (layer {i + 1} reads {k} of them)")
+        check(i == 0 or w <= k * reader, "task.widths", widths, f"each layer at most {k} times wider than the next")
+    rng = np.random.default_rng(seed)
+    x = check_rows(n_inputs, rng)
+    for _ in range(tries):
+        layers, h = [], x
+        for n in widths:
+            layer = random_layer(rng, h, n, k, gates)
+            if layer is None:
+                break
+            layers.append(layer)
+            h = np.stack([GATES[g.op](h[:, list(g.inputs)]) for g in layer], 1).astype(np.uint8)
+        else:
+            c = Circuit(n_inputs, tuple(layers), tuple(range(widths[-1])))
+            if is_well_formed(c, x):
+                return c
+    allowed = f"a seed with a well-formed circuit (none in {tries} draws for {widths}, {gates})"
+    raise ConfigError("task.circuit_seed", seed, allowed)
+
+
+def random_layer(rng: np.random.Generator, h: np.ndarray, n: int, k: int, gates: list[str]) -> tuple[Gate, ...] | None:
+    """n gates reading k distinct of the units h [rows, width] each, covering every unit when
+    n * k >= width; each gate drawn at random among those not yet applied to the same inputs
+    whose output is not near-constant on h (None when a module has no such gate)."""
+    width = h.shape[1]
+    deal = list(rng.permutation(width))
+    layer, seen = [], set()
+    for _ in range(n):
+        ins, deal = deal[:k], deal[k:]
+        rest = [u for u in rng.permutation(width) if u not in ins]
+        ins = tuple(sorted(int(u) for u in [*ins, *rest[: k - len(ins)]]))
+        for op in rng.permutation(gates):
+            p = GATES[op](h[:, list(ins)]).mean()
+            if (op, ins) not in seen and min(p, 1 - p) >= MIN_MINORITY:
+                break
+        else:
+            return None
+        seen.add((op, ins))
+        layer.append(Gate(str(op), ins))
+    return tuple(layer)

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from modnets.circuits import Circuit
+from modnets.circuits import Circuit, joint_library
 from modnets.config import ConfigError, check
 from modnets.routers import (
     InputRouter,
@@ -83,7 +83,7 @@ class MLP(nn.Module):
     def __init__(self, task, routing: Routing | None, generators, hidden=(36, 36, 36), prune_percent=0.0):
         super().__init__()
         self.n_tasks = task.n_tasks
-        n_in = task.n_inputs + (self.n_tasks if self.n_tasks > 1 else 0)
+        n_in = math.prod(task.x.shape[1:]) + (self.n_tasks if self.n_tasks > 1 else 0)  # images: all pixels
         check(0 <= prune_percent < 100, "model.prune_percent", prune_percent, "a percentage in [0, 100)")
         check(all(int(h) > 0 for h in hidden), "model.hidden", list(hidden), "positive layer widths")
         self.net = ModuleBank(generators, 1, [n_in, *map(int, hidden), task.n_outputs])
@@ -137,6 +137,8 @@ class ModularNet(nn.Module):
     ):
         super().__init__()
         R, T, k = len(generators), task.n_tasks, int(routing.topk)
+        image_task = len(getattr(task, "x", torch.empty(0, 0)).shape) > 2  # the circuit of an ImageModularNet has no x
+        check(not image_task, "model", "ModularNet", "model=image_modular or image_shared for an image task")
         circuits: list[Circuit] | None = task.circuits
         if num_modules is None:
             check(circuits is not None, "model.num_modules", None, "explicit widths: this task has no modular structure")
@@ -148,8 +150,13 @@ class ModularNet(nn.Module):
             truth = task.modularity[1:-1]
             allowed = f"{truth} to match the task's modularity {task.modularity} under known routing"
             check(num_modules == truth, "model.num_modules", num_modules, allowed)
-            allowed = f"{circuits[0].arity}, the arity of the task's gates, under known routing"
-            check(k == circuits[0].arity, "router.topk", k, allowed)
+            arities = {c.arity for c in circuits}
+            allowed = f"{min(arities)}, the arity of the task's gates, under known routing"
+            check(arities == {k}, "router.topk", k, allowed if len(arities) == 1 else "learned routing: mixed gate arities")
+            per_slot = [{c.layers[i][j].op for c in circuits if j < len(c.layers[i])}
+                        for i, n in enumerate(truth) for j in range(n)]
+            allowed = "model=shared: under known routing one module per slot cannot compute another gate in each task"
+            check(shared or not routing.known_inputs or all(len(ops) == 1 for ops in per_slot), "model.shared", shared, allowed)
         widths = [task.n_inputs, *num_modules]
         for i, w in enumerate(widths[:-1]):
             check(k <= w, "router.topk", k, f"at most {w}, the width of the layer that layer {i + 1} reads")
@@ -166,7 +173,7 @@ class ModularNet(nn.Module):
         self.shared, self.skip_output = bool(shared), bool(skip_output)
         arch = [k, *map(int, hidden), 1]
         if self.shared:
-            library = sorted({m for c in circuits for layer in c.slots for m in layer}) if circuits else []
+            library, slots = joint_library(circuits) if circuits else ([], None)  # one library for all tasks
             library_size = int(library_size or len(library))
             check(library_size > 0, "model.library_size", library_size, "a positive number of shared modules")
             if routing.known_locations:
@@ -183,7 +190,7 @@ class ModularNet(nn.Module):
             if self.shared:
                 logits = stacked(generators, normal((T, library_size, n)))
                 if routing.known_locations:
-                    truth = [c.slots[i] for c in circuits]
+                    truth = [s[i] for s in slots]
                     logits = known_location_logits((T, library_size, n), truth).expand(R, -1, -1, -1).clone()
                 self.locations.append(LocationRouter(logits, routing.tau, routing.gumbel, routing.known_locations))
             else:
@@ -229,19 +236,23 @@ class ModularNet(nn.Module):
         return summary
 
 
+def router_kinds(model: nn.Module) -> dict:
+    """Router logits (at any depth of the model) -> `input_routers` or `location_routers`."""
+    kinds = {}
+    for m in model.modules():
+        if isinstance(m, (InputRouter, LocationRouter)):
+            kinds[m.logits] = "location_routers" if isinstance(m, LocationRouter) else "input_routers"
+    return kinds
+
+
 def parameter_groups(model: nn.Module, routing: Routing | None, lr: float) -> list[dict]:
     """Trainable parameters in three groups with their own learning rates: module weights (`lr`),
     input/output routers (`router.lr`) and location routers (`router.location_lr`)."""
     groups = {"modules": [], "input_routers": [], "location_routers": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("locations."):
-            groups["location_routers"].append(p)
-        elif name.startswith(("routers.", "output_router.")):
-            groups["input_routers"].append(p)
-        else:
-            groups["modules"].append(p)
+    kind = router_kinds(model)
+    for p in model.parameters():
+        if p.requires_grad:
+            groups[kind.get(p, "modules")].append(p)
     lrs = {"modules": lr}
     if routing is not None:
         lrs |= {"input_routers": routing.lr, "location_routers": routing.location_lr}
@@ -257,8 +268,28 @@ def count_parameters(model: nn.Module, replicates: int) -> dict[str, int]:
     return {
         "total": n(p for _, p in named),
         "trainable": n(p for _, p in named if p.requires_grad),
-        "routers": n(p for name, p in named if name.startswith(("routers.", "output_router.", "locations."))),
+        "routers": n(router_kinds(model)),
     }
 
 
-__all__ = ["MLP", "ModularNet", "ModuleBank", "ConfigError", "parameter_groups", "count_parameters"]
+def count_flops(model: nn.Module, task, replicates: int, samples: int, batch: int = 64) -> dict[str, float]:
+    """Training FLOPs of one replicate, as implemented: the matmul/conv FLOPs that torch's
+    FlopCounterMode sees in one forward and one backward pass on up to `batch` training rows,
+    per sample, times `samples` (the training samples seen: epochs x training rows).
+    Elementwise ops and evaluation passes are not counted. Leaves no gradients behind."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = task.splits["train"][:batch]
+    x, tid = task.x[rows], task.task_id[rows]
+    n = replicates * len(rows)
+    with FlopCounterMode(display=False) as forward:
+        out = model(x.expand(replicates, *x.shape), tid.expand(replicates, -1))
+    with FlopCounterMode(display=False) as backward:
+        if out.requires_grad:
+            out.sum().backward()
+    model.zero_grad(set_to_none=True)
+    f, b = forward.get_total_flops() / n, backward.get_total_flops() / n
+    return {"forward_per_sample": f, "train_per_sample": f + b, "train": (f + b) * samples}
+
+
+__all__ = ["MLP", "ModularNet", "ModuleBank", "ConfigError", "parameter_groups", "count_parameters", "count_flops"]

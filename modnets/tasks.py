@@ -4,7 +4,8 @@ A task is everything the trainer and the models need to know about the data:
 
 - `x` [rows, ...] inputs, `y` [rows, n_outputs] 0/1 targets, `task_id` [rows];
 - `splits`: name -> row indices; `train` is drawn from, the others are evaluated
-  (`heldout` is the union of every split that is not `train`);
+  (`heldout` is the union of every split that is not `train`; task sets add per-task
+  `task{t}_train` and `task{t}_heldout`);
 - `circuits`: the ground-truth circuit of each sub-task, or None when the task
   has no modular structure; models read widths and known routing from them;
 - `noise`: std of Gaussian noise added to training inputs each time they are drawn.
@@ -17,7 +18,7 @@ import itertools
 import numpy as np
 import torch
 
-from modnets.circuits import PRESETS, Circuit
+from modnets.circuits import MULTITASK, PRESETS, Circuit, bits, default_widths, joint_modularity, random_circuit
 from modnets.config import ConfigError
 
 
@@ -43,7 +44,8 @@ class Task:
 
     @property
     def modularity(self) -> list[int] | None:
-        return self.circuits[0].modularity if self.circuits else None
+        """Layer widths `[n, m1, ..., out]`; for a task set, the widest of each layer over its circuits."""
+        return joint_modularity(self.circuits) if self.circuits else None
 
     def to(self, device) -> Task:
         self.x, self.y, self.task_id = self.x.to(device), self.y.to(device), self.task_id.to(device)
@@ -71,15 +73,21 @@ def split_rows(n_rows: int, train_fraction: float, seed: int) -> dict[str, torch
 def tabulate(
     circuits: list[Circuit], train_fraction: float, split_seed: int, noise: float, name: str
 ) -> Task:
-    """Truth tables of one or more circuits, each split the same way, concatenated with task ids."""
+    """Truth tables of one or more circuits, each split the same way, concatenated with task ids.
+    Several circuits also get per-task splits `task{t}_train` and `task{t}_heldout`."""
     xs, ys, ids, splits = [], [], [], {"train": [], "val": [], "test": []}
+    per_task = {}
     for t, c in enumerate(circuits):
         x, y = c.truth_table()
-        for k, rows in split_rows(len(x), train_fraction, split_seed).items():
-            splits[k].append(rows + sum(len(a) for a in xs))
+        own = {k: rows + sum(len(a) for a in xs) for k, rows in split_rows(len(x), train_fraction, split_seed).items()}
+        for k, rows in own.items():
+            splits[k].append(rows)
+        per_task |= {f"task{t}_train": own["train"], f"task{t}_heldout": torch.cat([own["val"], own["test"]])}
         xs.append(x), ys.append(y), ids.append(np.full(len(x), t))
     splits = {k: torch.cat(v) for k, v in splits.items()}
     splits["heldout"] = torch.cat([splits["val"], splits["test"]])
+    if len(circuits) > 1:
+        splits |= per_task
     return Task(
         torch.from_numpy(np.concatenate(xs)).float(),
         torch.from_numpy(np.concatenate(ys)).float(),
@@ -118,3 +126,77 @@ def BooleanTask(
         known = ", ".join(str(list(k)) for k in [*PRESETS, (6, 2)])
         raise ConfigError("task.modularity", list(key), f"one of {known}")
     return tabulate([PRESETS[key]], train_fraction, split_seed, noise, name)
+
+
+def MultiTask(
+    tasks: list[int] = (0, 1, 2),
+    train_fraction: float = 0.8,
+    split_seed: int = 40,
+    noise: float = 0.0,
+) -> Task:
+    """The multi-task set of SPEC §1 (`tasks` picks from its three circuits, e.g. [0, 2]):
+    each task's table split the same way, rows tagged with their position in `tasks`."""
+    picked = [int(t) for t in tasks]
+    ok = len(picked) > 0 and len(set(picked)) == len(picked) and all(0 <= t < len(MULTITASK) for t in picked)
+    allowed = f"distinct task numbers from {list(range(len(MULTITASK)))}"
+    if not ok:
+        raise ConfigError("task.tasks", picked, allowed)
+    name = "bool_multitask_" + "_".join(map(str, picked))
+    return tabulate([MULTITASK[t] for t in picked], train_fraction, split_seed, noise, name)
+
+
+def RandomCircuitTask(
+    n_inputs: int = 8,
+    widths: list[int] | None = None,
+    depth: int = 3,
+    n_outputs: int = 2,
+    arity: int = 2,
+    gates: list[str] | None = None,
+    circuit_seed: int = 0,
+    samples: int | None = None,
+    train_fraction: float = 0.8,
+    split_seed: int = 40,
+    noise: float = 0.0,
+) -> Task:
+    """A circuit from `circuits.random_circuit` and its data (`task=bool_random`).
+
+    Widths: `widths`, or `default_widths(n_inputs, depth, n_outputs, arity)`. Rows: the whole
+    truth table (n_inputs <= 20, rows in `itertools.product` order) when `samples` is null or
+    at least 2^n_inputs; else `samples` distinct rows drawn without replacement (seeded by
+    `split_seed`), so that train, val and test are disjoint sets of inputs.
+    """
+    n, k = int(n_inputs), int(arity)
+    if widths is None:
+        if int(depth) < 1:
+            raise ConfigError("task.depth", depth, "a depth >= 1 (module layers)")
+        if int(n_outputs) < 1:
+            raise ConfigError("task.n_outputs", n_outputs, "at least one output")
+        widths = default_widths(n, int(depth), int(n_outputs), k)
+    c = random_circuit(n, list(widths), k, None if gates is None else list(gates), int(circuit_seed))
+    rng = np.random.default_rng(int(split_seed))
+    if samples is None or (n <= 62 and int(samples) >= 2**n):
+        if n > 20:
+            raise ConfigError("task.samples", samples, f"a number of rows to draw (2^{n} rows are too many to enumerate)")
+        x = bits(np.arange(2**n), n)
+    elif int(samples) < 3:
+        raise ConfigError("task.samples", samples, "at least 3 rows (train, val and test)")
+    elif n <= 20:
+        x = bits(np.sort(rng.choice(2**n, int(samples), replace=False)), n)
+    else:
+        x = distinct_rows(rng, int(samples), n)
+    splits = split_rows(len(x), train_fraction, split_seed)
+    splits["heldout"] = torch.cat([splits["val"], splits["test"]])
+    name = f"bool_random_{n}_" + "_".join(map(str, widths)) + f"_k{k}_s{circuit_seed}"
+    t = torch.from_numpy
+    y = c.evaluate(x)
+    return Task(t(x).float(), t(y).float(), torch.zeros(len(x), dtype=torch.long), splits, [c], noise, name)
+
+
+def distinct_rows(rng: np.random.Generator, m: int, n: int) -> np.ndarray:
+    """m distinct random rows of n bits (uniform without replacement), in the order drawn."""
+    x = np.empty((0, n), dtype=np.uint8)
+    while len(x) < m:
+        x = np.concatenate([x, rng.integers(0, 2, size=(m - len(x), n), dtype=np.uint8)])
+        _, first = np.unique(np.packbits(x, axis=1), axis=0, return_index=True)
+        x = x[np.sort(first)]
+    return x

@@ -8,25 +8,32 @@ writes its own `results.json` and its own W&B run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
 import hydra
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import modnets
-from modnets.config import ConfigError, check
-from modnets.models import count_parameters, parameter_groups
+from modnets import recovery
+from modnets.checkpoint import Checkpointer
+from modnets.config import ConfigError, check, check_memory, data_estimate, one_line_errors, validate
+from modnets.models import count_flops, count_parameters, parameter_groups
 
 METRICS = ("loss", "acc", "exact")
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +67,8 @@ class Evaluator:
         self.membership = torch.zeros(len(self.names), len(self.rows), device=self.rows.device)
         for i, name in enumerate(self.names):
             rows = position[task.splits[name]]
-            self.membership[i, rows] = 1.0 / len(rows)
+            self.membership[i, rows] = 1.0
+        self.counts = self.membership.sum(1)[:, None]  # sums of 0/1 then one division: 13/13 is exactly 1
 
     @torch.no_grad()
     def __call__(self, model, replicates: int) -> torch.Tensor:
@@ -76,7 +84,7 @@ class Evaluator:
             correct = (logits > 0) == (y > 0.5)
             per_row.append(torch.stack([loss, correct.float().mean(2), correct.all(2).float()], 2))
         model.train()
-        return torch.einsum("rnm,sn->rsm", torch.cat(per_row, 1), self.membership)
+        return torch.einsum("rnm,sn->rsm", torch.cat(per_row, 1), self.membership) / self.counts
 
     def as_dicts(self, metrics: torch.Tensor) -> list[dict[str, float]]:
         values = metrics.cpu().tolist()
@@ -106,8 +114,17 @@ def draw_epoch(generators, n_train, x_shape, noise_std, noise_shapes, steps, per
     )
 
 
-def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval) -> None:
-    """The training loop: every epoch, shuffled minibatches; every `eval_every` epochs, metrics."""
+def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, extra_state=None) -> dict[int, int]:
+    """The training loop: every epoch, shuffled minibatches; every `eval_every` epochs, metrics.
+
+    With `trainer.checkpoint_every` N > 0 it checkpoints every N epochs into the output folder and
+    resumes from a checkpoint of the same config found there (modnets.checkpoint): the evaluations
+    so far are replayed through on_eval, and `extra_state` (name -> list that on_eval fills from
+    the model, not from the metrics) is checkpointed and restored in place. Returns the
+    replicates that diverged, {replicate: epoch}: a replicate whose training loss is NaN or inf
+    in an epoch (checked once per epoch) is reported; the others train on (replicates never mix),
+    and training stops when every replicate has diverged.
+    """
     tr = cfg.trainer
     R = len(generators)
     train_rows = task.splits["train"]
@@ -115,7 +132,14 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval) 
     steps = math.ceil(n_train / batch)
     noise_shapes = model.noise_shapes()
     per_sample = bool(getattr(model, "noise_per_sample", False))
-    for epoch in range(1, int(tr.epochs) + 1):
+    saver = Checkpointer(cfg, model, optimizer, scheduler, generators, extra_state)
+    start = saver.resume()
+    for epoch, metrics in saver.evals:  # the history so far, as if it had just been evaluated
+        on_eval(epoch, metrics.to(task.x.device))
+    saver.restore_extra()
+    diverged = saver.diverged
+    for epoch in range(start + 1, int(tr.epochs) + 1):
+        epoch_loss = torch.zeros(R, device=task.x.device)
         order, x_noise, r_noise = draw_epoch(
             generators, n_train, task.x.shape[1:], task.noise, noise_shapes, steps, per_sample, task.x.device
         )
@@ -128,13 +152,36 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval) 
                 x = x + x_noise[:, part]
             noise = {k: v[:, part] if per_sample else v[:, s : s + 1] for k, v in r_noise.items()}
             logits = model(x, task.task_id[idx], noise)
-            loss = F.binary_cross_entropy_with_logits(logits, task.y[idx], reduction="none").mean((1, 2)).sum()
+            losses = F.binary_cross_entropy_with_logits(logits, task.y[idx], reduction="none").mean((1, 2))
+            epoch_loss += losses.detach()  # NaN and inf stick: checked once per epoch, no sync per step
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.sum().backward()
             optimizer.step()
         scheduler.step()
-        if epoch % int(tr.eval_every) == 0 or epoch == int(tr.epochs):
-            on_eval(epoch, evaluator(model, R))
+        due = epoch % int(tr.eval_every) == 0 or epoch == int(tr.epochs)
+        metrics = evaluator(model, R) if due else None
+        finite = torch.isfinite(epoch_loss)
+        if metrics is not None:  # the last step of the epoch may be the one that broke the weights
+            finite &= torch.isfinite(metrics).flatten(1).all(1)
+        for r in (~finite).nonzero().flatten().tolist():  # one sync per epoch
+            if r not in diverged:
+                diverged[r] = epoch
+                who = f"seed {int(cfg.seed) + r}" + (f", replicate {r} of {R}" if R > 1 else "")
+                then = "the other replicates train on" if len(diverged) < R else "training stopped"
+                print(
+                    f"modnets: diverged: NaN or inf loss in epoch {epoch} ({who}); its results.json gets status "
+                    f"'diverged' with the evaluations before it, {then} (try a lower optimizer.lr)",
+                    file=sys.stderr, flush=True,
+                )
+        if len(diverged) == R:
+            break
+        if metrics is not None:
+            saver.record(epoch, metrics)
+            on_eval(epoch, metrics)
+        if epoch < int(tr.epochs):
+            saver.save(epoch)
+    saver.remove()
+    return diverged
 
 
 def git_commit() -> str | None:
@@ -154,8 +201,12 @@ def write_json(path: Path, data: dict) -> None:
     """Atomic write: a reader sees the old file or the whole new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:  # a full disk: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def replicate_config(cfg: DictConfig, r: int) -> dict:
@@ -171,6 +222,89 @@ def output_dirs(out: Path, seeds: list[int]) -> list[Path]:
     return [out] if len(seeds) == 1 else [out / f"seed_{s}" for s in seeds]
 
 
+# Resumable sweeps. A run is identified by the hash of its replicate's resolved config, without the
+# keys below (where it writes, how it logs); a job whose every replicate already has a results file
+# with that hash and a final status is skipped, so a relaunched sweep runs only what is missing.
+UNHASHED = ("output_dir", "logger", "trainer.progress", "trainer.threads", "trainer.checkpoint_every")
+FINAL = ("completed", "diverged")
+
+
+def config_hash(config: dict) -> str:
+    config = copy.deepcopy(config)
+    for key in UNHASHED:
+        *parents, last = key.split(".")
+        node = config
+        for p in parents:
+            node = node.get(p) or {}
+        node.pop(last, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_results(cfg: DictConfig) -> list[dict] | None:
+    """The results of every replicate when all are on disk with this config's hash, else None."""
+    seeds = [int(cfg.seed) + r for r in range(int(cfg.trainer.replicates))]
+    base = replicate_config(cfg, 0)  # resolved once: replicate r differs only in its seed
+    results = []
+    for r, d in enumerate(output_dirs(Path(cfg.output_dir), seeds)):
+        try:
+            result = json.loads((d / "results.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if result.get("status") not in FINAL or result.get("config_hash") != config_hash(base | {"seed": seeds[r]}):
+            return None
+        results.append(result)
+    return results or None
+
+
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failure(cfg: DictConfig, error: Exception) -> None:
+    """A sweep job that raised: results.json with status `failed` and the error, so that the
+    other jobs go on and the aggregator reports it."""
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        config = OmegaConf.to_container(cfg, resolve=False)
+    message = f"{type(error).__name__}: {error}"
+    out = Path(HydraConfig.get().runtime.output_dir)
+    result = {"status": "failed", "error": message, "traceback": traceback.format_exc(), "config": config}
+    write_json(out / "results.json", result | {"config_hash": config_hash(config), "git_commit": git_commit()})
+    print(f"modnets: job {HydraConfig.get().job.num} failed ({out}): {message}", file=sys.stderr)
+
+
+def set_deterministic(on: bool, device: torch.device) -> None:
+    """`trainer.deterministic`: deterministic torch algorithms (an error for an op without one),
+    cuBLAS with a fixed workspace and deterministic cuDNN. CPU training is deterministic anyway."""
+    if torch.are_deterministic_algorithms_enabled() != on:  # the call imports torch._inductor: seconds
+        torch.use_deterministic_algorithms(on)
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+def check_model_memory(cfg, build_model, task, routing, replicates: int, device) -> None:
+    """Refuse a model whose parameters, gradients and optimizer state (4 floats per parameter)
+    over all replicates would not fit: one replicate is built first (on the meta device when
+    the config has widths over 2048, so that nothing is allocated) and its size multiplied."""
+    numbers = [v for v in OmegaConf.to_container(cfg.model, resolve=True).values() if v is not None]
+    numbers = [x for v in numbers for x in (v if isinstance(v, list) else [v]) if isinstance(x, int)]
+    big = max([*numbers, math.prod(task.x.shape[1:])]) > 2048
+    try:
+        with torch.device("meta") if big else contextlib.nullcontext():
+            probe = build_model(task=task, routing=routing, generators=[torch.Generator()])
+    except ConfigError:
+        raise
+    except Exception:  # the real build reports it
+        return
+    params = sum(p.numel() for p in probe.parameters())
+    needed = replicates * (16 * params + 4 * sum(b.numel() for b in probe.buffers()))
+    what = f"a model ({params:,} parameters per replicate x {replicates} replicates)"
+    check_memory(what, "trainer.replicates" if replicates > 1 else "model", replicates if replicates > 1 else cfg.model._target_,
+                 needed, device)
+
+
 def build(cfg: DictConfig):
     """Task, routing, model, optimizer, scheduler and generators from the config.
 
@@ -178,19 +312,22 @@ def build(cfg: DictConfig):
     constructor reaches the user as itself, not wrapped by Hydra's instantiate.
     """
     tr = cfg.trainer
-    check(int(tr.replicates) >= 1, "trainer.replicates", tr.replicates, "an integer >= 1")
-    check(int(tr.epochs) >= 1, "trainer.epochs", tr.epochs, "an integer >= 1")
-    check(int(tr.batch_size) >= 1, "trainer.batch_size", tr.batch_size, "an integer >= 1")
-    check(int(tr.eval_every) >= 1, "trainer.eval_every", tr.eval_every, "an integer >= 1")
-    check(float(cfg.optimizer.lr) > 0, "optimizer.lr", cfg.optimizer.lr, "a positive learning rate")
+    validate(cfg)  # types, ranges and keys of the whole config, before anything is built
     device = resolve_device(str(tr.device))
+    set_deterministic(bool(tr.get("deterministic", False)), device)
     if tr.get("threads"):
         torch.set_num_threads(int(tr.threads))
     seeds = [int(cfg.seed) + r for r in range(int(tr.replicates))]
+    estimate = data_estimate(cfg.task, len(seeds))
+    if estimate:
+        key, value, rows, needed = estimate
+        check_memory(f"a task of {rows:,} rows", key, value, needed, device)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     task = instantiate(cfg.task, _partial_=True)()
     routing = instantiate(cfg.router, _partial_=True)()
-    model = instantiate(cfg.model, _partial_=True)(task=task, routing=routing, generators=generators)
+    build_model = instantiate(cfg.model, _partial_=True)
+    check_model_memory(cfg, build_model, task, routing, len(seeds), device)
+    model = build_model(task=task, routing=routing, generators=generators)
     model.to(device)
     task.to(device)
     optimizer = instantiate(cfg.optimizer)(parameter_groups(model, routing, float(cfg.optimizer.lr)))
@@ -205,6 +342,11 @@ def run(cfg: DictConfig) -> list[dict]:
     """Build everything from the config, train, write one results.json per replicate."""
     start = time.time()
     tr = cfg.trainer
+    validate(cfg)  # before anything reads the config (build validates again: it is also called alone)
+    done = finished_results(cfg)
+    if done is not None:  # a relaunched sweep: this job already ran with exactly this config
+        print(f"modnets: skipped, {cfg.output_dir} holds finished results of this config", flush=True)
+        return done
     b = build(cfg)
     task, model, seeds, device = b.task, b.model, b.seeds, b.device
     evaluator = Evaluator(task, int(tr.eval_batch_size))
@@ -213,20 +355,28 @@ def run(cfg: DictConfig) -> list[dict]:
     dirs = output_dirs(out, seeds)
     logger = instantiate(cfg.logger)
     group = f"{out.parent.name}/{out.name}" if len(seeds) > 1 else None
+    group = str(HydraConfig.get().sweep.dir) if in_sweep() else group  # the runs of one sweep share a group
     configs = [replicate_config(cfg, r) for r in range(len(seeds))]
     name = f"{task.name}-{type(model).__name__.lower()}"
-    runs = [logger.start(c, f"{name}-s{s}", str(d), group) for c, s, d in zip(configs, seeds, dirs)]
+    tags = [task.name, type(model).__name__.lower(), *(["sweep"] if in_sweep() else [])]
+    runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(configs, seeds, dirs)]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
 
     histories = [[] for _ in seeds]
     every = max(1, int(tr.epochs) // (int(tr.eval_every) * 10)) * int(tr.eval_every)
+    recovery_init = recovery.measure(model, task)  # structure recovery, about ten times per run
+    recovery_history = [[] for _ in seeds] if recovery_init is not None else None
 
     def on_eval(epoch, metrics):
         rows = evaluator.as_dicts(metrics)
         for history, wandb_run, row in zip(histories, runs, rows):
             history.append({"epoch": epoch, **row})
             wandb_run.log({"epoch": epoch, **row}, step=epoch)
+        if recovery_history is not None and (epoch % every == 0 or epoch == int(tr.epochs)):
+            for h, wandb_run, rec in zip(recovery_history, runs, recovery.measure(model, task)):
+                h.append({"epoch": epoch, **rec})
+                wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
         if tr.progress and (epoch % every == 0 or epoch == int(tr.epochs)):
             mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
             line = f"epoch {epoch:>5}/{tr.epochs}  loss {mean['train_loss']:.4f}  acc train {mean['train_acc']:.3f}"
@@ -234,24 +384,33 @@ def run(cfg: DictConfig) -> list[dict]:
             print(line + (f"  [mean of {len(rows)} replicates]" if len(rows) > 1 else ""), flush=True)
 
     fit_start = time.time()
-    fit(cfg, task, model, b.optimizer, b.scheduler, b.generators, evaluator, on_eval)
+    extra = {"recovery_history": recovery_history}  # state on_eval computes from the model: checkpointed as is
+    diverged = fit(cfg, task, model, b.optimizer, b.scheduler, b.generators, evaluator, on_eval, extra_state=extra)
     train_time = time.time() - fit_start
 
     params = count_parameters(model, len(seeds))
+    flops = count_flops(model, task, len(seeds), int(tr.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
+    recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recovery_init)
     commit = git_commit()
     results = []
     for r, (d, history, wandb_run) in enumerate(zip(dirs, histories, runs)):
-        best = best_entry(history)
+        if r in diverged:  # keep the evaluations before the epoch whose training loss was NaN or inf
+            history[:] = [h for h in history if h["epoch"] < diverged[r]]
+        best = best_entry(history) if history else None
         result = {
-            "status": "completed",
+            "status": "diverged" if r in diverged else "completed",
+            "diverged_epoch": diverged.get(r),
             "config": configs[r],
             "replicate": {"index": r, "of": len(seeds), "base_seed": int(cfg.seed)},
             "history": history,
-            "final": history[-1],
+            "final": history[-1] if history else None,
             "best": best,
             "params": params,
+            "flops": flops,
             "routing": routings[r],
+            "recovery": recoveries and {**recoveries[r], "history": recovery_history[r]},
+            "config_hash": config_hash(configs[r]),
             "train_time_s": train_time,
             "wall_time_s": time.time() - start,
             "device": str(device),
@@ -260,22 +419,34 @@ def run(cfg: DictConfig) -> list[dict]:
             "wandb_id": wandb_run.id,
         }
         write_json(d / "results.json", result)
-        summary = {f"final/{k}": v for k, v in history[-1].items()}
-        summary |= {f"best/{k}": v for k, v in best.items()}
+        summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
+        summary |= {f"best/{k}": v for k, v in (best or {}).items()}
+        summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
         wandb_run.finish(summary)
         results.append(result)
     return results
 
 
+@one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
-    except ConfigError as e:
-        print(f"modnets: config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return sum(r["final"]["heldout_acc"] for r in results) / len(results)
+    except Exception as e:
+        if in_sweep():  # one failing job must not stop the sweep: record it and go on
+            record_failure(cfg, e)
+            return None
+        if isinstance(e, ConfigError):
+            print(f"modnets: config error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    finals = [r["final"]["heldout_acc"] for r in results if r.get("final")]  # diverged runs may have none
+    return sum(finals) / len(finals) if finals else float("nan")
 
 
 if __name__ == "__main__":
-    main()
+    # The module's own main, not this __main__ copy: parallel launchers (joblib, submitit)
+    # pickle the task function, which works by reference only for an importable one.
+    from modnets.train import main as module_main
+
+    module_main()

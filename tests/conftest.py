@@ -24,3 +24,14 @@ def make_cfg(*overrides, output_dir=None):
 def cfg_in(tmp_path):
     """cfg_in(*overrides): a composed config writing into a temporary folder."""
     return lambda *o: make_cfg(*o, output_dir=str(tmp_path / "run"))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny networks train fastest on one thread, and a loaded machine makes two threads much slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -44,7 +44,7 @@ def test_known_routers_do_not_change_during_training(cfg_in, router):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_preset_composes_and_runs(cfg_in, experiment):
-    result = run(cfg_in(f"experiment={experiment}", "trainer.epochs=2"))[0]
+    result = run(cfg_in(f"experiment={experiment}", "trainer.epochs=2", "trainer.eval_every=1"))[0]
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     for split in ("train", "val", "test", "heldout"):
         for metric in ("loss", "acc", "exact"):
