@@ -13,6 +13,7 @@ would fix it (`ConfigError`), never as a stack trace from deep inside torch:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -20,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
@@ -191,8 +193,6 @@ GB = 1024**3
 
 def available_memory(device) -> int | None:
     """Bytes that can still be allocated on the device (None when unknown)."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -285,3 +285,24 @@ def one_line_errors(entry):
             os.environ.pop("HYDRA_FULL_ERROR", None)
 
     return wrapper
+
+
+def check_model_memory(cfg, build_model, task, routing, replicates: int, device) -> None:
+    """Refuse a model whose parameters, gradients and optimizer state (4 floats per parameter)
+    over all replicates would not fit: one replicate is built first (on the meta device when
+    the config has widths over 2048, so that nothing is allocated) and its size multiplied."""
+    numbers = [v for v in OmegaConf.to_container(cfg.model, resolve=True).values() if v is not None]
+    numbers = [x for v in numbers for x in (v if isinstance(v, list) else [v]) if isinstance(x, int)]
+    big = max([*numbers, math.prod(task.x.shape[1:])]) > 2048
+    try:
+        with torch.device("meta") if big else contextlib.nullcontext():
+            probe = build_model(task=task, routing=routing, generators=[torch.Generator()])
+    except ConfigError:
+        raise
+    except Exception:  # the real build reports it
+        return
+    params = sum(p.numel() for p in probe.parameters())
+    needed = replicates * (16 * params + 4 * sum(b.numel() for b in probe.buffers()))
+    what = f"a model ({params:,} parameters per replicate x {replicates} replicates)"
+    check_memory(what, "trainer.replicates" if replicates > 1 else "model", replicates if replicates > 1 else cfg.model._target_,
+                 needed, device)

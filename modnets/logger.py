@@ -67,7 +67,9 @@ class WandbLogger:
         job_type="train",
         init_timeout=30.0,
         finish_timeout=60.0,
+        max_points=250,
     ):
+        self.max_points = int(max_points)  # W&B charts sample long histories anyway; results.json keeps them all
         self.mode, self.project, self.entity = mode, project, entity
         self.group, self.tags, self.job_type = group, list(tags or []), job_type
         self.init_timeout, self.finish_timeout = init_timeout, finish_timeout

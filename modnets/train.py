@@ -8,16 +8,10 @@ writes its own `results.json` and its own W&B run.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
-import json
 import math
 import os
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,15 +19,25 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import modnets
 from modnets import recovery
 from modnets.checkpoint import Checkpointer
-from modnets.config import ConfigError, check, check_memory, data_estimate, one_line_errors, validate
+from modnets.config import ConfigError, check, check_memory, check_model_memory, data_estimate, one_line_errors, validate
 from modnets.models import count_flops, count_parameters, parameter_groups
+from modnets.results import (
+    best_entry,
+    config_hash,
+    finished_results,
+    git_commit,
+    in_sweep,
+    output_dirs,
+    record_failure,
+    replicate_config,
+    write_json,
+)
 
 METRICS = ("loss", "acc", "exact")
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,96 +188,6 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     return diverged
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def best_entry(history: list[dict]) -> dict:
-    """The evaluation with the highest validation accuracy (ties: lower validation loss, then earlier)."""
-    return max(history, key=lambda h: (h.get("val_acc", 0.0), -h.get("val_loss", 0.0), -h["epoch"]))
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomic write: a reader sees the old file or the whole new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except OSError:  # a full disk: leave no half-written file behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def replicate_config(cfg: DictConfig, r: int) -> dict:
-    """The resolved config of replicate r: exactly the config of a single run with seed + r."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved = copy.deepcopy(resolved)
-    resolved["seed"] = int(cfg.seed) + r
-    resolved["trainer"]["replicates"] = 1
-    return resolved
-
-
-def output_dirs(out: Path, seeds: list[int]) -> list[Path]:
-    return [out] if len(seeds) == 1 else [out / f"seed_{s}" for s in seeds]
-
-
-# Resumable sweeps. A run is identified by the hash of its replicate's resolved config, without the
-# keys below (where it writes, how it logs); a job whose every replicate already has a results file
-# with that hash and a final status is skipped, so a relaunched sweep runs only what is missing.
-UNHASHED = ("output_dir", "logger", "trainer.progress", "trainer.threads", "trainer.checkpoint_every")
-FINAL = ("completed", "diverged")
-
-
-def config_hash(config: dict) -> str:
-    config = copy.deepcopy(config)
-    for key in UNHASHED:
-        *parents, last = key.split(".")
-        node = config
-        for p in parents:
-            node = node.get(p) or {}
-        node.pop(last, None)
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def finished_results(cfg: DictConfig) -> list[dict] | None:
-    """The results of every replicate when all are on disk with this config's hash, else None."""
-    seeds = [int(cfg.seed) + r for r in range(int(cfg.trainer.replicates))]
-    base = replicate_config(cfg, 0)  # resolved once: replicate r differs only in its seed
-    results = []
-    for r, d in enumerate(output_dirs(Path(cfg.output_dir), seeds)):
-        try:
-            result = json.loads((d / "results.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if result.get("status") not in FINAL or result.get("config_hash") != config_hash(base | {"seed": seeds[r]}):
-            return None
-        results.append(result)
-    return results or None
-
-
-def in_sweep() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def record_failure(cfg: DictConfig, error: Exception) -> None:
-    """A sweep job that raised: results.json with status `failed` and the error, so that the
-    other jobs go on and the aggregator reports it."""
-    try:
-        config = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:
-        config = OmegaConf.to_container(cfg, resolve=False)
-    message = f"{type(error).__name__}: {error}"
-    out = Path(HydraConfig.get().runtime.output_dir)
-    result = {"status": "failed", "error": message, "traceback": traceback.format_exc(), "config": config}
-    write_json(out / "results.json", result | {"config_hash": config_hash(config), "git_commit": git_commit()})
-    print(f"modnets: job {HydraConfig.get().job.num} failed ({out}): {message}", file=sys.stderr)
-
-
 def set_deterministic(on: bool, device: torch.device) -> None:
     """`trainer.deterministic`: deterministic torch algorithms (an error for an op without one),
     cuBLAS with a fixed workspace and deterministic cuDNN. CPU training is deterministic anyway."""
@@ -282,27 +196,6 @@ def set_deterministic(on: bool, device: torch.device) -> None:
     if on and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-
-
-def check_model_memory(cfg, build_model, task, routing, replicates: int, device) -> None:
-    """Refuse a model whose parameters, gradients and optimizer state (4 floats per parameter)
-    over all replicates would not fit: one replicate is built first (on the meta device when
-    the config has widths over 2048, so that nothing is allocated) and its size multiplied."""
-    numbers = [v for v in OmegaConf.to_container(cfg.model, resolve=True).values() if v is not None]
-    numbers = [x for v in numbers for x in (v if isinstance(v, list) else [v]) if isinstance(x, int)]
-    big = max([*numbers, math.prod(task.x.shape[1:])]) > 2048
-    try:
-        with torch.device("meta") if big else contextlib.nullcontext():
-            probe = build_model(task=task, routing=routing, generators=[torch.Generator()])
-    except ConfigError:
-        raise
-    except Exception:  # the real build reports it
-        return
-    params = sum(p.numel() for p in probe.parameters())
-    needed = replicates * (16 * params + 4 * sum(b.numel() for b in probe.buffers()))
-    what = f"a model ({params:,} parameters per replicate x {replicates} replicates)"
-    check_memory(what, "trainer.replicates" if replicates > 1 else "model", replicates if replicates > 1 else cfg.model._target_,
-                 needed, device)
 
 
 def build(cfg: DictConfig):
@@ -364,20 +257,24 @@ def run(cfg: DictConfig) -> list[dict]:
         d.mkdir(parents=True, exist_ok=True)
 
     histories = [[] for _ in seeds]
-    every = max(1, int(tr.epochs) // (int(tr.eval_every) * 10)) * int(tr.eval_every)
+    n_evals = int(tr.epochs) // int(tr.eval_every)
+    every = max(1, n_evals // 10) * int(tr.eval_every)  # progress lines and recovery: about ten per run
+    log_every = max(1, math.ceil(n_evals / max(1, logger.max_points))) * int(tr.eval_every)
     recovery_init = recovery.measure(model, task)  # structure recovery, about ten times per run
     recovery_history = [[] for _ in seeds] if recovery_init is not None else None
 
     def on_eval(epoch, metrics):
         rows = evaluator.as_dicts(metrics)
+        last = epoch == int(tr.epochs)
         for history, wandb_run, row in zip(histories, runs, rows):
             history.append({"epoch": epoch, **row})
-            wandb_run.log({"epoch": epoch, **row}, step=epoch)
-        if recovery_history is not None and (epoch % every == 0 or epoch == int(tr.epochs)):
+            if epoch % log_every == 0 or last:
+                wandb_run.log({"epoch": epoch, **row}, step=epoch)
+        if recovery_history is not None and (epoch % every == 0 or last):
             for h, wandb_run, rec in zip(recovery_history, runs, recovery.measure(model, task)):
                 h.append({"epoch": epoch, **rec})
                 wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
-        if tr.progress and (epoch % every == 0 or epoch == int(tr.epochs)):
+        if tr.progress and (epoch % every == 0 or last):
             mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
             line = f"epoch {epoch:>5}/{tr.epochs}  loss {mean['train_loss']:.4f}  acc train {mean['train_acc']:.3f}"
             line += f"  val {mean['val_acc']:.3f}  heldout {mean['heldout_acc']:.3f} (exact {mean['heldout_exact']:.3f})"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from test_train import cli
 
-from modnets.train import config_hash, finished_results, replicate_config, run
+from modnets.results import config_hash, finished_results, replicate_config
+from modnets.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("aggregate", ROOT / "scripts" / "aggregate.py")
