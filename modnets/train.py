@@ -252,9 +252,9 @@ def run(cfg: DictConfig) -> list[dict]:
     configs = [replicate_config(cfg, r) for r in range(len(seeds))]
     name = f"{task.name}-{type(model).__name__.lower()}"
     tags = [task.name, type(model).__name__.lower(), *(["sweep"] if in_sweep() else [])]
-    runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(configs, seeds, dirs)]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
+    runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(configs, seeds, dirs)]
 
     histories = [[] for _ in seeds]
     n_evals = int(tr.epochs) // int(tr.eval_every)

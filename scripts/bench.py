@@ -44,7 +44,7 @@ def compose(*overrides):
         return hydra_compose("config", overrides=list(overrides))
 
 
-def time_training(preset: str, replicates: int, device: str, repeats: int) -> dict:
+def time_training(preset: str, replicates: int, device: str, repeats: int, threads: int | None) -> dict:
     from modnets.train import run
 
     best = math.inf
@@ -54,6 +54,7 @@ def time_training(preset: str, replicates: int, device: str, repeats: int) -> di
                 f"experiment={preset}",
                 f"trainer.replicates={replicates}",
                 f"trainer.device={device}",
+                f"trainer.threads={threads or 'null'}",
                 "trainer.progress=false",
                 "logger.mode=disabled",
                 f"output_dir={out}",
@@ -66,13 +67,14 @@ def time_training(preset: str, replicates: int, device: str, repeats: int) -> di
     return {"seconds": best, "steps": steps, "heldout_acc": heldout}
 
 
-def time_cli(preset: str, replicates: int, device: str) -> float:
+def time_cli(preset: str, replicates: int, device: str, threads: int | None) -> float:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         subprocess.run(
             [
                 sys.executable, "-m", "modnets.train", f"experiment={preset}", f"trainer.replicates={replicates}",
-                f"trainer.device={device}", "trainer.progress=false", "logger.mode=offline", f"hydra.run.dir={out}",
+                f"trainer.device={device}", f"trainer.threads={threads or 'null'}", "trainer.progress=false",
+                "logger.mode=offline", f"hydra.run.dir={out}",
             ],
             check=True, cwd=ROOT, capture_output=True, env={**os.environ, "WANDB_SILENT": "true"},
         )
@@ -82,8 +84,9 @@ def time_cli(preset: str, replicates: int, device: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--replicates", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--replicates", nargs="*", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="trainer.threads (default: the config's)")
     parser.add_argument("--repeats", type=int, default=1, help="best of N for each training timing")
     parser.add_argument("--cli-replicates", nargs="*", type=int, default=[1, 32], help="R for the end-to-end CLI timings")
     parser.add_argument("--out", help="write the rows as JSON here")
@@ -93,13 +96,13 @@ def main() -> None:
 
     rows = []
     header = f"{'case':<14} {'R':>4} {'train s':>8} {'steps/s':>8} {'runs/s':>8} {'vs original':>12} {'mean heldout acc':>16}"
-    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device {args.device}, torch {torch.__version__}, trainer.threads={args.threads or 'config default'}")
     print(header)
     print("-" * len(header))
     for case in args.cases:
         preset, original = CASES[case]
         for R in args.replicates:
-            t = time_training(preset, R, args.device, args.repeats)
+            t = time_training(preset, R, args.device, args.repeats, args.threads)
             row = {
                 "case": case, "kind": "train", "replicates": R, "seconds": round(t["seconds"], 3),
                 "steps_per_s": round(t["steps"] / t["seconds"], 1), "runs_per_s": round(R / t["seconds"], 3),
@@ -116,12 +119,12 @@ def main() -> None:
     for case in args.cases:
         preset, original = CASES[case]
         for R in args.cli_replicates:
-            seconds = time_cli(preset, R, args.device)
+            seconds = time_cli(preset, R, args.device, args.threads)
             rows.append({"case": case, "kind": "cli", "replicates": R, "seconds": round(seconds, 3),
                          "speedup_vs_original": round(original * R / seconds, 1)})
             print(f"{case:<30} {R:>4} {seconds:>8.2f} {original * R / seconds:>11.0f}x", flush=True)
     if args.out:
-        meta = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+        meta = {"device": args.device, "torch": torch.__version__, "threads": args.threads, "rows": rows}
         Path(args.out).write_text(json.dumps(meta, indent=1))
         print(f"wrote {args.out}")
 
