@@ -108,9 +108,6 @@ class MLP(nn.Module):
         masks = [getattr(self, f"mask{i}") for i in range(len(self.net.weights))] if self.masks else None
         return self.net(x.unsqueeze(2), masks).squeeze(2)
 
-    def noise_shapes(self) -> dict:
-        return {}
-
     def routing_summary(self) -> list[dict]:
         return [{} for _ in range(self.net.weights[0].shape[0])]
 
@@ -213,14 +210,6 @@ class ModularNet(nn.Module):
             outputs.append(h)
         h = torch.cat(outputs, dim=2) if self.skip_output else h
         return self.output_router(h, task_id, noise.get("output_router"))[:, :, 0, :]
-
-    def noise_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per noisy router, the shape of one noise draw (logits without replicate and task dims)."""
-        return {
-            name: tuple(m.logits.shape[2:])
-            for name, m in self.named_modules()
-            if isinstance(m, (InputRouter, LocationRouter)) and m.noisy
-        }
 
     def routing_summary(self) -> list[dict]:
         """Per replicate, the noise-free routing: input indices per layer, output picks, locations."""

@@ -96,6 +96,16 @@ class LocationRouter(nn.Module):
         return self.logits.detach().argmax(2)
 
 
+def noise_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Per noisy router of a model (by module name), the shape of one noise draw: its logits'
+    shape without the replicate and task dimensions. Empty for a model without noisy routers."""
+    return {
+        name: tuple(m.logits.shape[2:])
+        for name, m in model.named_modules()
+        if isinstance(m, (InputRouter, LocationRouter)) and m.noisy
+    }
+
+
 def known_input_logits(shape, choices: list[list[list[int]]]) -> torch.Tensor:
     """Logits [T, width, consumers] that select `choices[t][consumer]` in order (SPEC §3):
     1.1 at the first true input, then 1.0 (k = 2) or 1.1 - j/1000 (any k), 0 elsewhere."""

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import modnets
-from modnets import recovery
+from modnets import recovery, routers
 from modnets.checkpoint import Checkpointer
 from modnets.config import ConfigError, check, check_memory, check_model_memory, data_estimate, one_line_errors, validate
 from modnets.models import count_flops, count_parameters, parameter_groups
@@ -134,7 +134,7 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     train_rows = task.splits["train"]
     n_train, batch = len(train_rows), int(tr.batch_size)
     steps = math.ceil(n_train / batch)
-    noise_shapes = model.noise_shapes()
+    noise_shapes = routers.noise_shapes(model)
     per_sample = bool(getattr(model, "noise_per_sample", False))
     saver = Checkpointer(cfg, model, optimizer, scheduler, generators, extra_state)
     start = saver.resume()

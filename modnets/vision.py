@@ -71,9 +71,6 @@ class CNN(nn.Module):
     def forward(self, x, task_id, noise=None):
         return self.net(x.unsqueeze(2)).squeeze(2)
 
-    def noise_shapes(self) -> dict:
-        return {}
-
     def routing_summary(self) -> list[dict]:
         return [{} for _ in range(self.net.weights[0].shape[0])]
 
@@ -169,14 +166,6 @@ class ImageModularNet(nn.Module):
         codes = self.encode(images, task_id, noise.get("image_locations")).flatten(2)
         inner = {k.removeprefix("circuit."): v for k, v in noise.items() if k.startswith("circuit.")}
         return self.circuit(codes, task_id, inner)
-
-    def noise_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per noisy router (image routers, then the circuit's as `circuit.NAME`), one noise draw's shape."""
-        return {
-            name: tuple(m.logits.shape[2:])
-            for name, m in self.named_modules()
-            if isinstance(m, (InputRouter, LocationRouter)) and m.noisy
-        }
 
     def routing_summary(self) -> list[dict]:
         """The circuit's routing per replicate, plus `images[task][slot]` = the image each image

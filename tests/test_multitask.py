@@ -14,15 +14,6 @@ from modnets.train import Evaluator, build, fit, run
 KNOWN = Routing(known_inputs=True, known_outputs=True, known_locations=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread is fastest, and on a busy machine several threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gens(*seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
