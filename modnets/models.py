@@ -82,6 +82,7 @@ class MLP(nn.Module):
 
     def __init__(self, task, routing: Routing | None, generators, hidden=(36, 36, 36), prune_percent=0.0):
         super().__init__()
+        check(routing is None or not routing.known, "router", "known", "router=learned: a dense model has no routing to fix")
         self.n_tasks = task.n_tasks
         n_in = math.prod(task.x.shape[1:]) + (self.n_tasks if self.n_tasks > 1 else 0)  # images: all pixels
         check(0 <= prune_percent < 100, "model.prune_percent", prune_percent, "a percentage in [0, 100)")

@@ -65,6 +65,7 @@ class CNN(nn.Module):
     def __init__(self, task, routing: Routing | None, generators, channels=(16, 32), hidden=(128,)):
         super().__init__()
         check(len(task.x.shape) == 4, "model", "cnn", "an image task (task=digits or task=mnist)")
+        check(not routing.known, "router", "known", "router=learned: a dense model has no routing to fix")
         check(task.n_tasks == 1, "model", "cnn", "a single-task dataset")
         self.net = ConvBank(generators, 1, task.x.shape[1], task.x.shape[2:], channels, hidden, task.n_outputs)
 

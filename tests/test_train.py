@@ -103,6 +103,7 @@ def test_modularity_override_reshapes_the_model(cfg_in):
         (["model=mlp", "task.modularity=[6,4,4,2]"], "task.modularity"),
         (["trainer.device=tpu"], "trainer.device"),
         (["trainer.epochs=-1"], "trainer.epochs"),
+        (["model=mlp", "router=known"], "router"),
     ],
 )
 def test_bad_overrides_exit_nonzero_with_one_line_naming_the_key(tmp_path, overrides, key):
