@@ -12,7 +12,6 @@ when training ends.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -21,13 +20,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from modnets.results import UNHASHED, config_hash
+
 NAME = "checkpoint.pt"
-# Keys that do not change what is trained: a checkpoint stays valid when only they differ.
-IGNORED = {
-    "output_dir": None,
-    "logger": None,
-    "trainer": ("progress", "checkpoint_every", "threads", "device", "eval_batch_size"),
-}
+# Keys that do not change what is trained: those a results file's hash ignores, and where and in
+# what chunks it runs. A checkpoint stays valid when only they differ (it may resume on another device).
+IGNORED = (*UNHASHED, "trainer.device", "trainer.eval_batch_size")
 
 
 def warn(message: str) -> None:
@@ -35,16 +33,8 @@ def warn(message: str) -> None:
 
 
 def fingerprint(cfg) -> str:
-    """A hash of the config minus the keys that do not change training."""
-    data = OmegaConf.to_container(cfg, resolve=False)
-    for key, sub in IGNORED.items():
-        if sub is None:
-            data.pop(key, None)
-        else:
-            for k in sub:
-                data.get(key, {}).pop(k, None)
-    data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    """A hash of the resolved config minus the keys that do not change training."""
+    return config_hash(OmegaConf.to_container(cfg, resolve=True), IGNORED)
 
 
 class Checkpointer:

@@ -68,9 +68,10 @@ UNHASHED = ("output_dir", "logger", "trainer.progress", "trainer.threads", "trai
 FINAL = ("completed", "diverged")
 
 
-def config_hash(config: dict) -> str:
+def config_hash(config: dict, ignore=UNHASHED) -> str:
+    """A short hash of a resolved config without the keys in `ignore` (dotted paths)."""
     config = copy.deepcopy(config)
-    for key in UNHASHED:
+    for key in ignore:
         *parents, last = key.split(".")
         node = config
         for p in parents:

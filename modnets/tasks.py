@@ -70,22 +70,27 @@ def split_rows(n_rows: int, train_fraction: float, seed: int) -> dict[str, torch
     return {"train": perm[:n_train], "val": perm[n_train : n_train + n_val], "test": perm[n_train + n_val :]}
 
 
+def table_splits(n_rows: int, train_fraction: float, seed: int) -> dict[str, torch.Tensor]:
+    """`split_rows` plus `heldout`: the validation and test rows together."""
+    splits = split_rows(n_rows, train_fraction, seed)
+    return splits | {"heldout": torch.cat([splits["val"], splits["test"]])}
+
+
 def tabulate(
     circuits: list[Circuit], train_fraction: float, split_seed: int, noise: float, name: str
 ) -> Task:
     """Truth tables of one or more circuits, each split the same way, concatenated with task ids.
     Several circuits also get per-task splits `task{t}_train` and `task{t}_heldout`."""
-    xs, ys, ids, splits = [], [], [], {"train": [], "val": [], "test": []}
+    xs, ys, ids, splits = [], [], [], {"train": [], "val": [], "test": [], "heldout": []}
     per_task = {}
     for t, c in enumerate(circuits):
         x, y = c.truth_table()
-        own = {k: rows + sum(len(a) for a in xs) for k, rows in split_rows(len(x), train_fraction, split_seed).items()}
+        own = {k: rows + sum(len(a) for a in xs) for k, rows in table_splits(len(x), train_fraction, split_seed).items()}
         for k, rows in own.items():
             splits[k].append(rows)
-        per_task |= {f"task{t}_train": own["train"], f"task{t}_heldout": torch.cat([own["val"], own["test"]])}
+        per_task |= {f"task{t}_train": own["train"], f"task{t}_heldout": own["heldout"]}
         xs.append(x), ys.append(y), ids.append(np.full(len(x), t))
     splits = {k: torch.cat(v) for k, v in splits.items()}
-    splits["heldout"] = torch.cat([splits["val"], splits["test"]])
     if len(circuits) > 1:
         splits |= per_task
     return Task(
@@ -118,8 +123,7 @@ def BooleanTask(
     name = "bool_" + "_".join(map(str, key))
     if len(key) == 2:
         x, y = random_table(key[0], key[1], table_seed)
-        splits = split_rows(len(x), train_fraction, split_seed)
-        splits["heldout"] = torch.cat([splits["val"], splits["test"]])
+        splits = table_splits(len(x), train_fraction, split_seed)
         t = torch.from_numpy
         return Task(t(x).float(), t(y).float(), torch.zeros(len(x), dtype=torch.long), splits, None, noise, name)
     if key not in PRESETS:
@@ -184,8 +188,7 @@ def RandomCircuitTask(
         x = bits(np.sort(rng.choice(2**n, int(samples), replace=False)), n)
     else:
         x = distinct_rows(rng, int(samples), n)
-    splits = split_rows(len(x), train_fraction, split_seed)
-    splits["heldout"] = torch.cat([splits["val"], splits["test"]])
+    splits = table_splits(len(x), train_fraction, split_seed)
     name = f"bool_random_{n}_" + "_".join(map(str, widths)) + f"_k{k}_s{circuit_seed}"
     t = torch.from_numpy
     y = c.evaluate(x)
