@@ -63,6 +63,7 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 MinJobAge=60
+KillWait=5  # seconds between SIGTERM and SIGKILL for a cancelled job (submitit ignores SIGTERM)
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/none
