@@ -2,6 +2,7 @@ import csv
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,27 @@ def test_two_job_sweep_with_joblib_completes_and_a_relaunch_runs_nothing_new(tmp
     before = {p: p.read_bytes() for p in tmp_path.rglob("results.json")}
     again = cli(*args, "logger.mode=offline")  # another launcher and logger: the same runs
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("modnets: skipped") == 2
+    assert "modnets: 2 of 2 jobs already finished" in again.stdout and "Launching" not in again.stdout + again.stderr
     assert {p: p.read_bytes() for p in tmp_path.rglob("results.json")} == before
     assert not list(tmp_path.rglob("wandb"))
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_relaunch_launches_only_the_unfinished_jobs_into_their_own_folders(tmp_path, launcher):
+    args = ["-m", "seed=1,2,3", *TINY, f"hydra.sweep.dir={tmp_path}", f"hydra/launcher={launcher}"]
+    assert cli(*args).returncode == 0
+    (tmp_path / "1" / "results.json").unlink()  # job 1 lost its results (killed, failed, deleted)
+    failed = json.loads((tmp_path / "2" / "results.json").read_text()) | {"status": "failed"}
+    (tmp_path / "2" / "results.json").write_text(json.dumps(failed))  # job 2 failed: run again
+    kept = (tmp_path / "0" / "results.json").read_bytes()
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "modnets: 1 of 3 jobs already finished" in again.stdout
+    assert re.findall(r"\t#\d+ : seed=(\d)", again.stdout + again.stderr) == ["2", "3"]  # the launcher's job list
+    found = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")}
+    assert {k: r["config"]["seed"] for k, r in found.items()} == {"0": 1, "1": 2, "2": 3}  # each job in its folder
+    assert all(r["status"] == "completed" for r in found.values())
+    assert (tmp_path / "0" / "results.json").read_bytes() == kept
 
 
 def test_two_job_sweep_with_submitit_local_completes(tmp_path):
