@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 TINY = ["experiment=modular", "trainer.epochs=2", "logger.mode=disabled", "trainer.progress=false", "trainer.threads=1"]
-# long enough (about 150 epochs of a few ms each) to be interrupted after its first checkpoint
-LONG = ["experiment=modular", "seed=3", "trainer.epochs=150", "logger.mode=disabled", "trainer.threads=1"]
+# long enough (about 200 epochs of a few ms each) to be interrupted after its first checkpoint
+LONG = ["experiment=modular", "seed=3", "trainer.epochs=200", "logger.mode=disabled", "trainer.threads=1"]
 SLURM = ["hydra.launcher.timeout_min=5", "hydra.launcher.cpus_per_task=1"]
 
 
@@ -55,8 +55,8 @@ def results(folder: Path) -> dict[str, dict]:
 
 
 def submitted(folder: Path) -> list[str]:
-    """SLURM job ids of the sweep (submitit keeps one folder per job: JOB, or ARRAY_TASK for several)."""
-    return sorted(p.name for p in (folder / ".submitit").glob("*") if p.is_dir())
+    """SLURM job ids of the sweep: submitit's folders with a log (JOB, or ARRAY_TASK in a job array)."""
+    return sorted(p.parent.name for p in (folder / ".submitit").glob("*/*_log.out"))
 
 
 def wait_for(condition, timeout=120, what="condition"):
@@ -98,7 +98,7 @@ def test_a_sweep_through_submitit_slurm_completes_and_a_relaunch_submits_nothing
 def test_a_job_cancelled_after_its_checkpoint_resumes_when_relaunched_and_matches_an_uninterrupted_run(
     cluster, tmp_path, uninterrupted
 ):
-    args = ["hydra/launcher=submitit_slurm", *SLURM, *LONG, "trainer.checkpoint_every=10", f"hydra.sweep.dir={tmp_path}"]
+    args = ["hydra/launcher=submitit_slurm", *SLURM, *LONG, "trainer.checkpoint_every=5", f"hydra.sweep.dir={tmp_path}"]
     proc = sweep(cluster, *args, wait=False)
     try:
         wait_for(lambda: (tmp_path / "0" / "checkpoint.pt").exists(), what="the first checkpoint")
@@ -127,7 +127,7 @@ def test_a_job_signalled_at_its_time_limit_checkpoints_requeues_itself_and_match
     try:
         wait_for(lambda: submitted(tmp_path), what="the job to be submitted")
         (job,) = submitted(tmp_path)
-        wait_for(lambda: "epoch    30/150" in job_log(tmp_path, job), what="epoch 30 of the job")
+        wait_for(lambda: "epoch    40/200" in job_log(tmp_path, job), what="epoch 40 of the job")
         subprocess.run(["scancel", "--signal=USR2", job], env=cluster, check=True)
         out, _ = proc.communicate(timeout=300)
     finally:
@@ -136,7 +136,7 @@ def test_a_job_signalled_at_its_time_limit_checkpoints_requeues_itself_and_match
     log = job_log(tmp_path, job)
     assert "requeueing this SLURM job" in log and "modnets: resuming from" in log, log[-3000:]
     epoch = int(log.split("resuming from")[1].split("after epoch ")[1].split()[0])
-    assert 30 <= epoch < 150
+    assert 40 <= epoch < 200
     result = results(tmp_path)["0"]
     assert result["status"] == "completed" and not (tmp_path / "0" / "checkpoint.pt").exists()
     assert result["history"] == uninterrupted["history"]
