@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import make_cfg
 from test_train import cli
 
 from modnets.results import config_hash, finished_results, replicate_config
@@ -207,3 +208,42 @@ def test_sample_efficiency_architectures_compose_and_run(cfg_in, arch, model, kn
     assert result["status"] == "completed"
     if known is not None:
         assert cfg.router.known_inputs == known and (result["recovery"]["input_routing"] == 1.0 or not known)
+
+
+def test_a_requeue_signal_ends_the_epoch_writes_a_checkpoint_and_the_requeued_run_matches(cfg_in, monkeypatch, capsys, tmp_path):
+    """submitit's USR2 handler (time limit, preemption) runs only after the epoch's checkpoint is written."""
+    import logging
+    import signal
+    from types import SimpleNamespace
+
+    import torch
+    from submitit.core.job_environment import SignalHandler
+
+    from modnets import checkpoint
+
+    handler = SignalHandler.__new__(SignalHandler)  # submitit's handler in a job: it exits (and would requeue)
+    handler.env, handler._delayed = SimpleNamespace(global_rank=0), SimpleNamespace(function=None)
+    handler._logger = logging.getLogger("submitit-test")
+    defer = checkpoint.defer_requeue
+
+    def defer_then_signal():  # the signal arrives as soon as training started
+        held = defer()
+        signal.raise_signal(signal.SIGUSR2)
+        return held
+
+    cfg = cfg_in("experiment=modular", "trainer.epochs=6", "trainer.checkpoint_every=0")
+    previous = signal.signal(signal.SIGUSR2, handler.checkpoint_and_exit)
+    try:
+        monkeypatch.setattr(checkpoint, "defer_requeue", defer_then_signal)
+        with pytest.raises(SystemExit):
+            run(cfg)
+        state = torch.load(Path(cfg.output_dir) / "checkpoint.pt", weights_only=True)
+        assert state["epoch"] == 1 and len(state["evals"]) == 1  # the whole first epoch, then the handler
+        monkeypatch.setattr(checkpoint, "defer_requeue", defer)
+        signal.signal(signal.SIGUSR2, handler.checkpoint_and_exit)  # the requeued job, under submitit again
+        resumed = run(cfg)[0]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert "resuming from" in capsys.readouterr().err and not (Path(cfg.output_dir) / "checkpoint.pt").exists()
+    reference = run(make_cfg("experiment=modular", "trainer.epochs=6", output_dir=str(tmp_path / "reference")))[0]
+    assert resumed["history"] == reference["history"] and len(reference["history"]) == 6
