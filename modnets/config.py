@@ -309,7 +309,8 @@ def _one_line(e: BaseException) -> str:
 
 def one_line_errors(entry):
     """Wrap a `@hydra.main` entry point: Hydra's composition errors (unknown key, missing
-    option, bad override syntax) become one stderr line and exit code 2. Setting
+    option, bad override syntax) become one stderr line and exit code 2, a run folder Hydra
+    cannot create or write one line and exit code 1. Setting
     HYDRA_FULL_ERROR=1 keeps Hydra's own reports."""
 
     @functools.wraps(entry)
@@ -324,6 +325,11 @@ def one_line_errors(entry):
         except HydraException as e:
             print(f"modnets: config error: {_one_line(e)}", file=sys.stderr)
             raise SystemExit(2) from None
+        except OSError as e:  # Hydra could not create or write the run folder
+            from modnets.results import os_problem
+
+            print(f"modnets: error: cannot create or write the output folder: {os_problem(e)}", file=sys.stderr)
+            raise SystemExit(1) from None
         finally:
             os.environ.pop("HYDRA_FULL_ERROR", None)
 

@@ -47,6 +47,7 @@ from modnets.results import (
     git_commit,
     in_sweep,
     lock_folder,
+    one_line,
     os_problem,
     output_dirs,
     record_failure,
@@ -236,9 +237,9 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
         if len(diverged) == R:
             break
         if metrics is not None:
+            last_finite.evaluated()  # the weights these metrics come from
             saver.record(epoch, metrics)
             on_eval(epoch, metrics)
-            last_finite.evaluated()
         if epoch < int(tr.epochs):
             saver.save(epoch)
     last_finite.restore()
@@ -385,7 +386,7 @@ def write_results(
         except OSError as e:  # a full disk: W&B runs are closed, the checkpoint stays for the relaunch
             for later in logs.runs[r:]:
                 later.finish()
-            raise RunError(f"could not write results: {os_problem(e)}; {kept(cfg)}") from None
+            raise RunError(f"could not write {d / 'results.json'}: {e.strerror or one_line(e)}; {kept(cfg)}") from None
         summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
