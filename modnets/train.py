@@ -160,13 +160,16 @@ class LastFinite:
             for p, s in zip(self.params, slices):
                 p[r] = s
 
-    def state(self) -> dict:  # for the checkpoint
+    def state(self) -> dict:
+        """For the checkpoint; the snapshot only when it is not the weights themselves (checkpointed
+        right after an evaluation, the usual case, it is)."""
         cpu = lambda ts: [t.cpu() for t in ts]  # noqa: E731
-        return {"snapshot": cpu(self.snapshot), "kept": {r: cpu(ts) for r, ts in self.kept.items()}}
+        same = all(torch.equal(s, p) for s, p in zip(self.snapshot, self.params))
+        return {"snapshot": None if same else cpu(self.snapshot), "kept": {r: cpu(ts) for r, ts in self.kept.items()}}
 
     @torch.no_grad()
-    def load(self, state: dict) -> None:
-        for s, t in zip(self.snapshot, state["snapshot"], strict=True):
+    def load(self, state: dict) -> None:  # after the model's weights are loaded
+        for s, t in zip(self.snapshot, state["snapshot"] or self.params, strict=True):
             s.copy_(t)
         self.kept = {int(r): [t.to(s.device) for t, s in zip(ts, self.snapshot)] for r, ts in state["kept"].items()}
 

@@ -279,20 +279,35 @@ def test_aggregator_lists_foreign_and_malformed_files_and_never_crashes(tmp_path
 # ------------------------------------------------------------------- 6. a diverged replicate's routing
 
 
-def test_a_diverged_replicate_keeps_the_routing_and_recovery_of_its_last_finite_evaluation(tmp_path, monkeypatch):
-    overrides = ["experiment=modular", "trainer.replicates=2", *FAST]
-    three = run(make_cfg(*overrides, "trainer.epochs=3", output_dir=str(tmp_path / "three")))
+def poison_after(monkeypatch, epoch_of_nan):
+    """After evaluating `epoch_of_nan`, replicate 1's weights turn NaN."""
     real = modnets.train.Recorder.__call__
 
-    def poison(self, epoch, metrics):  # after evaluating epoch 3, replicate 1's weights turn NaN
+    def poison(self, epoch, metrics):
         real(self, epoch, metrics)
-        if epoch == 3:
+        if epoch == epoch_of_nan:
             with torch.no_grad():
                 for p in self.model.parameters():
                     p[1] = float("nan")
 
     monkeypatch.setattr(modnets.train.Recorder, "__call__", poison)
-    results = run(make_cfg(*overrides, "trainer.epochs=6", output_dir=str(tmp_path / "six")))
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["uninterrupted", "killed and resumed"])
+def test_a_diverged_replicate_keeps_the_routing_and_recovery_of_its_last_finite_evaluation(tmp_path, monkeypatch, killed):
+    overrides = ["experiment=modular", "trainer.replicates=2", "trainer.checkpoint_every=2", *FAST]
+    three = run(make_cfg(*overrides, "trainer.epochs=3", output_dir=str(tmp_path / "three")))
+    cfg = make_cfg(*overrides, "trainer.epochs=6", output_dir=str(tmp_path / "six"))
+    with monkeypatch.context() as m:
+        poison_after(m, 3)
+        if killed:  # dies after epoch 5; its checkpoint (epoch 4) holds the weights evaluated at epoch 3
+            crash_after_eval(m, 5)
+            with pytest.raises(Crash):
+                run(cfg)
+        else:
+            results = run(cfg)
+    if killed:  # relaunched: resumes from the checkpoint (its replayed evaluations poison nothing)
+        results = run(cfg)
     assert [r["status"] for r in results] == ["completed", "diverged"] and results[1]["diverged_epoch"] == 4
     assert results[1]["history"] == three[1]["history"]
     assert results[1]["routing"] == three[1]["routing"]  # the weights evaluated last, not those after the NaN
