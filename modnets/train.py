@@ -402,7 +402,7 @@ def kept(cfg: DictConfig) -> str:
     """What a relaunch after a failed results write will do."""
     if (Path(cfg.output_dir) / CHECKPOINT).exists():
         return "the checkpoint is kept: free space and relaunch to resume"
-    return "nothing is kept (trainer.checkpoint_every=0): free space and relaunch"
+    return "no checkpoint to resume from (trainer.checkpoint_every=N keeps one): free space and relaunch"
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -424,6 +424,7 @@ def run(cfg: DictConfig) -> list[dict]:
 
 
 def train(cfg: DictConfig, start: float) -> list[dict]:
+    """Build, train and write the results files (`run` without its folder bookkeeping)."""
     b = build(cfg)
     evaluator = Evaluator(b.task, int(cfg.trainer.eval_batch_size))
     logs = open_runs(cfg, b)
@@ -438,27 +439,34 @@ def train(cfg: DictConfig, start: float) -> list[dict]:
     return write_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
 
 
+def failed(cfg: DictConfig, e: Exception) -> None:
+    """A run that raised. In a sweep: recorded as a `failed` results file (or, when even that
+    fails, reported on stderr), and the sweep goes on. Alone: one line and exit code 2 (config)
+    or 1 (a file, a folder, a disk); anything else is a bug and keeps its traceback."""
+    if isinstance(e, FolderBusy):  # its folder and results belong to the other process
+        print(f"modnets: error: {e}", file=sys.stderr, flush=True)
+        if in_sweep():
+            return None
+        raise SystemExit(1) from None
+    if in_sweep():
+        record_failure(cfg, e)
+        return None
+    if isinstance(e, ConfigError):
+        print(f"modnets: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if isinstance(e, (RunError, OSError)):
+        print(f"modnets: error: {os_problem(e) if isinstance(e, OSError) else e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    raise e
+
+
 @one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except Exception as e:
-        if isinstance(e, FolderBusy):  # its folder and results belong to the other process
-            print(f"modnets: error: {e}", file=sys.stderr, flush=True)
-            if in_sweep():
-                return None
-            raise SystemExit(1) from None
-        if in_sweep():  # one failing job must not stop the sweep: record it and go on
-            record_failure(cfg, e)
-            return None
-        if isinstance(e, ConfigError):
-            print(f"modnets: config error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        if isinstance(e, (RunError, OSError)):
-            print(f"modnets: error: {os_problem(e) if isinstance(e, OSError) else e}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
-        raise
+        return failed(cfg, e)
     finals = [r["final"]["heldout_acc"] for r in results if r.get("final")]  # diverged runs may have none
     return sum(finals) / len(finals) if finals else float("nan")
 
