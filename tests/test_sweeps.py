@@ -9,7 +9,7 @@ import pytest
 from conftest import make_cfg
 from test_train import cli
 
-from modnets.results import config_hash, finished_results, replicate_config
+from modnets.results import config_hash, finished_results, replicate_config, seal
 from modnets.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +110,7 @@ def test_config_hash_ignores_paths_and_logging_but_not_hyperparameters(cfg_in):
 
 
 def write_run(folder: Path, seed: int, heldout: float, fraction: float = 0.5, status: str = "completed"):
+    """A results file as modnets writes it (sealed with its checksum)."""
     config = {
         "seed": seed,
         "output_dir": str(folder),
@@ -130,7 +131,7 @@ def write_run(folder: Path, seed: int, heldout: float, fraction: float = 0.5, st
     if status != "completed":
         result = {"status": status, "error": "ConfigError: boom", "config": config}
     folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps(result))
+    (folder / "results.json").write_text(json.dumps(seal(result | {"config_hash": config_hash(config)})))
 
 
 def test_aggregate_mean_std_and_confidence_interval_match_hand_computed_values(tmp_path):
@@ -216,7 +217,6 @@ def test_a_requeue_signal_ends_the_epoch_writes_a_checkpoint_and_the_requeued_ru
     import signal
     from types import SimpleNamespace
 
-    import torch
     from submitit.core.job_environment import SignalHandler
 
     from modnets import checkpoint
@@ -237,7 +237,7 @@ def test_a_requeue_signal_ends_the_epoch_writes_a_checkpoint_and_the_requeued_ru
         monkeypatch.setattr(checkpoint, "defer_requeue", defer_then_signal)
         with pytest.raises(SystemExit):
             run(cfg)
-        state = torch.load(Path(cfg.output_dir) / "checkpoint.pt", weights_only=True)
+        state = checkpoint.unpack((Path(cfg.output_dir) / "checkpoint.pt").read_bytes())
         assert state["epoch"] == 1 and len(state["evals"]) == 1  # the whole first epoch, then the handler
         monkeypatch.setattr(checkpoint, "defer_requeue", defer)
         signal.signal(signal.SIGUSR2, handler.checkpoint_and_exit)  # the requeued job, under submitit again
