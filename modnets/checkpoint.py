@@ -142,7 +142,8 @@ class Checkpointer:
         if _pending:
             self._write(epoch)
             handler, signum = _pending.pop()
-            print(f"modnets: checkpoint after epoch {epoch} written; requeueing this SLURM job", file=sys.stderr, flush=True)
+            message = f"modnets: checkpoint after epoch {epoch} written on the requeue signal; submitit takes over"
+            print(message, file=sys.stderr, flush=True)
             handler(signum, None)
         elif self.every and epoch % self.every == 0:
             self._write(epoch)

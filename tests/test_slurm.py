@@ -134,7 +134,7 @@ def test_a_job_signalled_at_its_time_limit_checkpoints_requeues_itself_and_match
         proc.kill()
     assert proc.returncode == 0, out[-3000:]
     log = job_log(tmp_path, job)
-    assert "requeueing this SLURM job" in log and "modnets: resuming from" in log, log[-3000:]
+    assert "written on the requeue signal" in log and "modnets: resuming from" in log, log[-3000:]
     epoch = int(log.split("resuming from")[1].split("after epoch ")[1].split()[0])
     assert 40 <= epoch < 200
     result = results(tmp_path)["0"]
