@@ -109,6 +109,7 @@ RULES = {
     "router.entropy": number(0, what="a non-negative weight"),
     "router.duplicate": number(0, what="a non-negative weight"),
     "router.max_sets": integer(1),
+    "router.init_scale": number(0, what="a non-negative scale"),
     "model.init": ((lambda v: v in ("torch", "lsuv")), "torch or lsuv"),
     "task.modularity": int_list(1, min_len=2),
     "task.train_fraction": number(0, 1, low_open=True, what="a fraction"),
