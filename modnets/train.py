@@ -248,19 +248,9 @@ def build(cfg: DictConfig):
     )
 
 
-def run(cfg: DictConfig) -> list[dict]:
-    """Build everything from the config, train, write one results.json per replicate."""
-    start = time.time()
-    tr = cfg.trainer
-    validate(cfg)  # before anything reads the config (build validates again: it is also called alone)
-    done = finished_results(cfg)
-    if done is not None:  # a relaunched sweep: this job already ran with exactly this config
-        print(f"modnets: skipped, {cfg.output_dir} holds finished results of this config", flush=True)
-        return done
-    b = build(cfg)
-    task, model, seeds, device = b.task, b.model, b.seeds, b.device
-    evaluator = Evaluator(task, int(tr.eval_batch_size))
-
+def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
+    """The output folder of each replicate, its resolved config and its W&B run (one per replicate)."""
+    task, model, seeds = b.task, b.model, b.seeds
     out = Path(cfg.output_dir)
     dirs = output_dirs(out, seeds)
     logger = instantiate(cfg.logger)
@@ -272,53 +262,69 @@ def run(cfg: DictConfig) -> list[dict]:
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(configs, seeds, dirs)]
+    return SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points)
 
-    histories = [[] for _ in seeds]
-    n_evals = int(tr.epochs) // int(tr.eval_every)
-    every = max(1, n_evals // 10) * int(tr.eval_every)  # progress lines and recovery: about ten per run
-    log_every = max(1, math.ceil(n_evals / max(1, logger.max_points))) * int(tr.eval_every)
-    recovery_init = recovery.measure(model, task)  # structure recovery, about ten times per run
-    recovery_history = [[] for _ in seeds] if recovery_init is not None else None
 
-    def on_eval(epoch, metrics):
-        rows = evaluator.as_dicts(metrics)
-        last = epoch == int(tr.epochs)
-        for history, wandb_run, row in zip(histories, runs, rows):
+class Recorder:
+    """What happens at each evaluation: every replicate's history and W&B metrics, structure
+    recovery about ten times per run, and a progress line about every tenth of training."""
+
+    def __init__(self, cfg: DictConfig, b: SimpleNamespace, evaluator: Evaluator, logs: SimpleNamespace):
+        tr = cfg.trainer
+        self.model, self.task, self.evaluator, self.runs = b.model, b.task, evaluator, logs.runs
+        self.epochs, self.progress = int(tr.epochs), bool(tr.progress)
+        n_evals = int(tr.epochs) // int(tr.eval_every)
+        self.every = max(1, n_evals // 10) * int(tr.eval_every)
+        self.log_every = max(1, math.ceil(n_evals / max(1, logs.max_points))) * int(tr.eval_every)
+        self.histories = [[] for _ in b.seeds]
+        self.recovery_init = recovery.measure(b.model, b.task)  # the untrained model, a baseline
+        self.recovery_history = [[] for _ in b.seeds] if self.recovery_init is not None else None
+
+    def __call__(self, epoch: int, metrics: torch.Tensor) -> None:
+        rows = self.evaluator.as_dicts(metrics)
+        last = epoch == self.epochs
+        for history, wandb_run, row in zip(self.histories, self.runs, rows):
             history.append({"epoch": epoch, **row})
-            if epoch % log_every == 0 or last:
+            if epoch % self.log_every == 0 or last:
                 wandb_run.log({"epoch": epoch, **row}, step=epoch)
-        if recovery_history is not None and (epoch % every == 0 or last):
-            for h, wandb_run, rec in zip(recovery_history, runs, recovery.measure(model, task)):
+        if self.recovery_history is not None and (epoch % self.every == 0 or last):
+            for h, wandb_run, rec in zip(self.recovery_history, self.runs, recovery.measure(self.model, self.task)):
                 h.append({"epoch": epoch, **rec})
                 wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
-        if tr.progress and (epoch % every == 0 or last):
-            mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-            line = f"epoch {epoch:>5}/{tr.epochs}  loss {mean['train_loss']:.4f}  acc train {mean['train_acc']:.3f}"
-            line += f"  val {mean['val_acc']:.3f}  heldout {mean['heldout_acc']:.3f} (exact {mean['heldout_exact']:.3f})"
-            print(line + (f"  [mean of {len(rows)} replicates]" if len(rows) > 1 else ""), flush=True)
+        if self.progress and (epoch % self.every == 0 or last):
+            print(progress_line(epoch, self.epochs, rows), flush=True)
 
-    fit_start = time.time()
-    extra = {"recovery_history": recovery_history}  # state on_eval computes from the model: checkpointed as is
-    diverged = fit(cfg, task, model, b.optimizer, b.scheduler, b.generators, evaluator, on_eval, extra_state=extra)
-    train_time = time.time() - fit_start
 
+def progress_line(epoch: int, epochs: int, rows: list[dict]) -> str:
+    """One line of training progress: metrics of the replicates' mean."""
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    line = f"epoch {epoch:>5}/{epochs}  loss {mean['train_loss']:.4f}  acc train {mean['train_acc']:.3f}"
+    line += f"  val {mean['val_acc']:.3f}  heldout {mean['heldout_acc']:.3f} (exact {mean['heldout_exact']:.3f})"
+    return line + (f"  [mean of {len(rows)} replicates]" if len(rows) > 1 else "")
+
+
+def write_results(
+    cfg: DictConfig, b: SimpleNamespace, logs: SimpleNamespace, recorder: Recorder, diverged: dict[int, int], times: dict
+) -> list[dict]:
+    """One results.json per replicate (modnets.results has the contract), and the W&B summaries."""
+    task, model, seeds = b.task, b.model, b.seeds
     params = count_parameters(model, len(seeds))
-    flops = count_flops(model, task, len(seeds), int(tr.epochs) * len(task.splits["train"]))
+    flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
-    recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recovery_init)
-    gaps = evaluator.discretisation_gap(model, len(seeds))
+    recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recorder.recovery_init)
+    gaps = recorder.evaluator.discretisation_gap(model, len(seeds))  # soft router methods only
     if recoveries is not None and gaps is not None:
         recoveries = [r | g for r, g in zip(recoveries, gaps)]
     commit = git_commit()
     results = []
-    for r, (d, history, wandb_run) in enumerate(zip(dirs, histories, runs)):
+    for r, (d, history, wandb_run) in enumerate(zip(logs.dirs, recorder.histories, logs.runs)):
         if r in diverged:  # keep the evaluations before the epoch whose training loss was NaN or inf
             history[:] = [h for h in history if h["epoch"] < diverged[r]]
         best = best_entry(history) if history else None
         result = {
             "status": "diverged" if r in diverged else "completed",
             "diverged_epoch": diverged.get(r),
-            "config": configs[r],
+            "config": logs.configs[r],
             "replicate": {"index": r, "of": len(seeds), "base_seed": int(cfg.seed)},
             "history": history,
             "final": history[-1] if history else None,
@@ -326,11 +332,11 @@ def run(cfg: DictConfig) -> list[dict]:
             "params": params,
             "flops": flops,
             "routing": routings[r],
-            "recovery": recoveries and {**recoveries[r], "history": recovery_history[r]},
-            "config_hash": config_hash(configs[r]),
-            "train_time_s": train_time,
-            "wall_time_s": time.time() - start,
-            "device": str(device),
+            "recovery": recoveries and {**recoveries[r], "history": recorder.recovery_history[r]},
+            "config_hash": config_hash(logs.configs[r]),
+            "train_time_s": times["train"],
+            "wall_time_s": time.time() - times["start"],
+            "device": str(b.device),
             "modnets_version": modnets.__version__,
             "git_commit": commit,
             "wandb_id": wandb_run.id,
@@ -342,6 +348,28 @@ def run(cfg: DictConfig) -> list[dict]:
         wandb_run.finish(summary)
         results.append(result)
     return results
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    """Build everything from the config, train, write one results.json per replicate."""
+    start = time.time()
+    validate(cfg)  # before anything reads the config (build validates again: it is also called alone)
+    done = finished_results(cfg)
+    if done is not None:  # a relaunched sweep: this job already ran with exactly this config
+        print(f"modnets: skipped, {cfg.output_dir} holds finished results of this config", flush=True)
+        return done
+    b = build(cfg)
+    evaluator = Evaluator(b.task, int(cfg.trainer.eval_batch_size))
+    logs = open_runs(cfg, b)
+    recorder = Recorder(cfg, b, evaluator, logs)
+    fit_start = time.time()
+    extra = {"recovery_history": recorder.recovery_history}  # state on_eval computes from the model: checkpointed as is
+    diverged = fit(
+        cfg, task=b.task, model=b.model, optimizer=b.optimizer, scheduler=b.scheduler, generators=b.generators,
+        evaluator=evaluator, on_eval=recorder, extra_state=extra,
+    )
+    times = {"start": start, "train": time.time() - fit_start}
+    return write_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
 
 
 @one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError
