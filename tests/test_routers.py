@@ -9,6 +9,7 @@ import torch
 
 from modnets import recovery, routers
 from modnets.circuits import PRESETS
+from modnets.config import ConfigError
 from modnets.models import ModularNet
 from modnets.routers import InputRouter, Learned, Routed, Router, Soft, apply_mask, pick_rows, topk_mask
 from modnets.tasks import BooleanTask, RandomCircuitTask
@@ -185,3 +186,18 @@ def test_known_routing_solves_depth_5_random_circuits_with_lsuv(cfg_in, n_inputs
                          f"task.n_inputs={n_inputs}"))
     assert min(r["final"]["train_acc"] for r in results) > 0.98  # torch's init: 0.62-0.73 at 16 inputs
     assert min(r["final"]["heldout_acc"] for r in results) > 0.94
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("router.anneal=fast", "router.anneal"), ("router.tau_end=0", "router.tau_end"),
+     ("router.duplicate=-1", "router.duplicate"), ("model.init=xavier", "model.init")],
+)
+def test_bad_router_and_init_values_fail_with_the_key(cfg_in, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build(cfg_in("router=soft", override))
+
+
+def test_lsuv_refuses_shared_modules(cfg_in):
+    with pytest.raises(ConfigError, match="model.init"):
+        build(cfg_in("model=shared", "model.init=lsuv"))
