@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import modnets
-from modnets import recovery, routers
+from modnets import draw, recovery, routers
 from modnets.checkpoint import Checkpointer
 from modnets.config import ConfigError, check, check_memory, check_model_memory, data_estimate, one_line_errors, validate
 from modnets.models import count_flops, count_parameters, parameter_groups
@@ -245,16 +245,19 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(configs, seeds, dirs)]
-    return SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points)
+    logs = SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, group=logger.group or group)
+    logs.pictures = draw.Pictures(logger.pictures, model, task, logs)
+    return logs
 
 
 class Recorder:
     """What happens at each evaluation: every replicate's history and W&B metrics, structure
-    recovery about ten times per run, and a progress line about every tenth of training."""
+    recovery and the circuit picture about ten times per run, and a progress line about every
+    tenth of training."""
 
     def __init__(self, cfg: DictConfig, b: SimpleNamespace, evaluator: Evaluator, logs: SimpleNamespace):
         tr = cfg.trainer
-        self.model, self.task, self.evaluator, self.runs = b.model, b.task, evaluator, logs.runs
+        self.model, self.task, self.evaluator, self.runs, self.pictures = b.model, b.task, evaluator, logs.runs, logs.pictures
         self.epochs, self.progress = int(tr.epochs), bool(tr.progress)
         n_evals = int(tr.epochs) // int(tr.eval_every)
         self.every = max(1, n_evals // 10) * int(tr.eval_every)
@@ -262,10 +265,11 @@ class Recorder:
         self.histories = [[] for _ in b.seeds]
         self.recovery_init = recovery.measure(b.model, b.task)  # the untrained model, a baseline
         self.recovery_history = [[] for _ in b.seeds] if self.recovery_init is not None else None
+        self.epoch = 0
 
     def __call__(self, epoch: int, metrics: torch.Tensor) -> None:
         rows = self.evaluator.as_dicts(metrics)
-        last = epoch == self.epochs
+        last, self.epoch = epoch == self.epochs, epoch
         for history, wandb_run, row in zip(self.histories, self.runs, rows):
             history.append({"epoch": epoch, **row})
             if epoch % self.log_every == 0 or last:
@@ -274,6 +278,8 @@ class Recorder:
             for h, wandb_run, rec in zip(self.recovery_history, self.runs, recovery.measure(self.model, self.task)):
                 h.append({"epoch": epoch, **rec})
                 wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
+        if epoch % self.every == 0 and not last:  # the last picture is drawn with the results
+            self.pictures.checkpoint(self.model, self.task, epoch)
         if self.progress and (epoch % self.every == 0 or last):
             print(progress_line(epoch, self.epochs, rows), flush=True)
 
@@ -294,6 +300,8 @@ def write_results(
     params = count_parameters(model, len(seeds))
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
+    modules = draw.modules_json(model, task.circuits) or [None] * len(seeds)
+    circuits = [draw.circuit_json(c) for c in task.circuits] if task.circuits else None
     recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recorder.recovery_init)
     commit = git_commit()
     results = []
@@ -312,6 +320,8 @@ def write_results(
             "params": params,
             "flops": flops,
             "routing": routings[r],
+            "circuits": circuits,
+            "modules": modules[r],
             "recovery": recoveries and {**recoveries[r], "history": recorder.recovery_history[r]},
             "config_hash": config_hash(logs.configs[r]),
             "train_time_s": times["train"],
@@ -320,8 +330,10 @@ def write_results(
             "modnets_version": modnets.__version__,
             "git_commit": commit,
             "wandb_id": wandb_run.id,
+            "wandb_group": logs.group,
         }
         write_json(d / "results.json", result)
+        logs.pictures.finish(result, d, wandb_run, step=max(recorder.epoch, 1))
         summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
