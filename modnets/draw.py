@@ -110,10 +110,13 @@ def picture_of(result: dict) -> dict | None:
     if "inputs" not in routing or not modules:
         return None
     config = result.get("config") or {}
+    circuits = [circuit_from_json(c) for c in result.get("circuits") or []] or None
+    read = 1 + max(a for layer in routing["inputs"][0] for m in layer for a in m)
     return {
         "routing": routing,
         "modules": modules,
-        "circuits": [circuit_from_json(c) for c in result.get("circuits") or []] or None,
+        "n_inputs": modules.get("n_inputs") or (circuits[0].n_inputs if circuits else read),
+        "circuits": circuits,
         "skip_output": bool((config.get("model") or {}).get("skip_output", False)),
         "title": title(config),
     }
@@ -277,7 +280,7 @@ WIRE_STYLES = {None: ("#868e96", "solid", 0.8), True: ("#495057", "solid", 0.9),
 def render(ax, boxes, wires, shape: tuple[int, int, int], title: str) -> None:
     """One panel: wires (grey, or dark when right and dashed red when wrong), module boxes,
     input dots x0.. and output squares y0.. (red when read from the wrong module)."""
-    from matplotlib.collections import LineCollection
+    from matplotlib.collections import LineCollection, PatchCollection
     from matplotlib.patches import Rectangle
 
     n_inputs, n_outputs, depth = shape
@@ -287,8 +290,10 @@ def render(ax, boxes, wires, shape: tuple[int, int, int], title: str) -> None:
         segs = [[(x0 + (half if x0 > 0 else 0.08), y0), (x1 - (half if x1 <= depth else 0.08), y1)] for x0, y0, x1, y1 in ends]
         if segs:
             ax.add_collection(LineCollection(segs, colors=colour, linestyles=dash, linewidths=lw, zorder=1))
+    frames = [Rectangle((x - half, y - BOX_H / 2), BOX_W, BOX_H) for x, y, *_ in boxes]
+    edges = [colour for *_, colour, _ in boxes]
+    ax.add_collection(PatchCollection(frames, facecolors="white", edgecolors=edges, linewidths=1.5, zorder=2))
     for x, y, label, sub, colour, misplaced in boxes:
-        ax.add_patch(Rectangle((x - half, y - BOX_H / 2), BOX_W, BOX_H, facecolor="white", edgecolor=colour, lw=1.5, zorder=2))
         ink = colour if label == "?" else "black"
         ax.text(x, y + (0.1 if sub else 0), label, ha="center", va="center", fontsize=6.5, color=ink, zorder=3)
         if sub:
@@ -329,7 +334,7 @@ def draw(p: dict, path, dpi: int = 80) -> Path:
 
     task_marks_ = marks(p)
     cs = p["circuits"] if comparable(p) else None
-    depth, n_inputs, n_outputs = len(p["routing"]["inputs"]), p["modules"]["n_inputs"], len(p["routing"]["outputs"][0])
+    depth, n_inputs, n_outputs = len(p["routing"]["inputs"]), p["n_inputs"], len(p["routing"]["outputs"][0])
     heights = column_heights(p, task_marks_, cs)
     rows, cols, shape = max(n_inputs, *heights, n_outputs), 2 if cs else 1, (n_inputs, n_outputs, depth)
     fig = Figure(figsize=(cols * (COL_IN * (depth + 2) + 0.5), len(task_marks_) * (ROW_IN * rows + 0.45) + 0.4))
@@ -370,10 +375,16 @@ def module_rows(p: dict) -> tuple[list[str], list[list]]:
     return columns, rows
 
 
+def drawn_content(p: dict) -> str:
+    """Everything a picture shows (routing, labels and marks), not the module outputs behind them."""
+    shown = [[{k: v for k, v in m.items() if k != "table"} for layer in tm["layers"] for m in layer] for tm in marks(p)]
+    return repr((p["routing"], shown, [tm["output_marks"] for tm in marks(p)], p["title"]))
+
+
 class Pictures:
     """`logger.pictures`: circuit.png in each run folder at the end, and the picture logged to the
-    W&B run at the recovery checkpoints (redrawn only when the routing or the order of a module's
-    outputs changed) and at the end. Off (matplotlib never imported) when disabled, for models
+    W&B run at the recovery checkpoints (redrawn only when what it shows changed, else the last
+    file is logged again) and at the end. Off (matplotlib never imported) when disabled, for models
     without routed modules and when matplotlib is missing (one warning)."""
 
     def __init__(self, enabled: bool, model, task, logs):
@@ -393,11 +404,11 @@ class Pictures:
 
     def picture(self, result: dict, d: Path) -> Path:
         """d/circuit.png of this result, drawn unless the last one drawn there shows the same."""
-        order = [[np.argsort(row, kind="stable").tolist() for row in bank] for bank in result["modules"]["tables"]]
-        key = repr((result["routing"], order))
+        p = picture_of(result)
+        key = drawn_content(p)
         path = d / "circuit.png"
         if self.drawn.get(d) != key or not path.exists():
-            draw(picture_of(result), path)
+            draw(p, path)
             self.drawn[d] = key
         return path
 

@@ -219,3 +219,24 @@ def test_multitask_marks_follow_each_tasks_own_circuit():
     assert len(marks) == 3 and set(states(marks)) == {"ok"}
     assert [len(tm["layers"][0]) for tm in marks] == [3, 3, 4]
     assert np.all([all(tm["output_marks"]) for tm in marks])
+
+
+def test_aggregate_wandb_logs_one_table_row_per_configuration_and_the_figures_to_the_sweeps_group(tmp_path):
+    from test_sweeps import aggregate, write_run
+
+    for i, (fraction, acc) in enumerate([(0.3, 0.6), (0.3, 0.7), (0.6, 0.9), (0.6, 0.8), (0.9, 1.0), (0.9, 0.95)]):
+        folder = tmp_path / "sweep" / str(i)
+        write_run(folder, i % 2, acc, fraction=fraction)
+        result = json.loads((folder / "results.json").read_text())
+        (folder / "results.json").write_text(json.dumps(result | {"wandb_group": "multirun/study-a"}))
+    assert aggregate.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "agg"), "--wandb"]) == 0
+    (run_dir,) = (tmp_path / "agg" / "wandb").glob("offline-run-*")
+    (info,) = [r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run"]
+    assert info.run_group == "multirun/study-a" and info.job_type == "aggregate"
+    (table,) = (run_dir / "files" / "media" / "table").glob("summary_*.table.json")
+    table = json.loads(table.read_text())
+    fractions = [row[table["columns"].index("task.train_fraction")] for row in table["data"]]
+    assert sorted(fractions) == [0.3, 0.6, 0.9]  # one row per configuration
+    assert table["data"][0][table["columns"].index("n")] == 2
+    images = {p.name.split("_0_")[0] for p in (run_dir / "files" / "media" / "images").glob("*.png")}
+    assert images == {"heldout_vs_fraction", "learning_curves", "recovery"}
