@@ -39,11 +39,12 @@ def test_finished_jobs_counts_job_folders_with_results_written_since_the_start(t
 
 
 def test_a_sweep_prints_one_line_per_job_with_done_total_elapsed_and_time_left(tmp_path):
-    proc = cli("-m", "seed=1,2,3", "experiment=modular", "trainer.epochs=2", "logger.mode=disabled", f"hydra.sweep.dir={tmp_path}")
+    tiny = ["experiment=modular", "trainer.epochs=2", "logger.mode=disabled"]
+    proc = cli("-m", "seed=1,2,3", *tiny, f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("modnets: sweep")]
     pattern = r"modnets: sweep (\d)/3 jobs done, elapsed \d+:\d\d:\d\d, left ~\d+:\d\d:\d\d \(job (\d) completed\)"
     assert [re.fullmatch(pattern, line).groups() for line in lines] == [("1", "0"), ("2", "1"), ("3", "2")]
     assert proc.stdout.count("epoch ") >= 3  # each run's own progress lines are still there
-    single = cli("experiment=modular", "trainer.epochs=2", "logger.mode=disabled", f"hydra.run.dir={tmp_path / 'single'}")
+    single = cli(*tiny, f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0 and "modnets: sweep" not in single.stdout and "epoch     2/2" in single.stdout
