@@ -275,39 +275,56 @@ def true_panel(c: Circuit, heights: list[int]):
 
 
 WIRE_STYLES = {None: ("#868e96", "solid", 0.8), True: ("#495057", "solid", 0.9), False: (WRONG, (0, (3, 2)), 1.3)}
+PANEL_W, TITLE_H = 2.4, 1.3  # panel width beyond its layer columns, room above a panel's rows (data units)
 
 
-def render(ax, boxes, wires, shape: tuple[int, int, int], title: str) -> None:
-    """One panel: wires (grey, or dark when right and dashed red when wrong), module boxes,
-    input dots x0.. and output squares y0.. (red when read from the wrong module)."""
-    from matplotlib.collections import LineCollection, PatchCollection
-    from matplotlib.patches import Rectangle
+class Canvas:
+    """Every panel's wires, boxes, dots and labels, collected in data units (columns 1 apart,
+    rows 1 apart) and drawn on one Axes: a few collections, so that a picture draws fast."""
 
-    n_inputs, n_outputs, depth = shape
-    half = BOX_W / 2
-    for ok, (colour, dash, lw) in WIRE_STYLES.items():
-        ends = [(x0, y0, x1, y1) for x0, y0, x1, y1, k in wires if k is ok]
-        segs = [[(x0 + (half if x0 > 0 else 0.08), y0), (x1 - (half if x1 <= depth else 0.08), y1)] for x0, y0, x1, y1 in ends]
-        if segs:
-            ax.add_collection(LineCollection(segs, colors=colour, linestyles=dash, linewidths=lw, zorder=1))
-    frames = [Rectangle((x - half, y - BOX_H / 2), BOX_W, BOX_H) for x, y, *_ in boxes]
-    edges = [colour for *_, colour, _ in boxes]
-    ax.add_collection(PatchCollection(frames, facecolors="white", edgecolors=edges, linewidths=1.5, zorder=2))
-    for x, y, label, sub, colour, misplaced in boxes:
-        ink = colour if label == "?" else "black"
-        ax.text(x, y + (0.1 if sub else 0), label, ha="center", va="center", fontsize=6.5, color=ink, zorder=3)
-        if sub:
-            ax.text(x, y - 0.2, sub, ha="center", va="center", fontsize=5, color=WRONG if misplaced else "#495057", zorder=3)
-    ax.plot([0] * n_inputs, ys(n_inputs), "o", ms=3, color="#343a40", zorder=2)
-    for i, y in enumerate(ys(n_inputs)):
-        ax.text(-0.12, y, f"x{i}", ha="right", va="center", fontsize=6)
-    wrong_outputs = {y1 for x0, y0, x1, y1, ok in wires if x1 == depth + 1 and ok is False}
-    for o, y in enumerate(ys(n_outputs)):
-        colour = WRONG if y in wrong_outputs else "#343a40"
-        ax.plot([depth + 1], [y], "s", ms=3.5, color=colour, zorder=2)
-        ax.text(depth + 1.12, y, f"y{o}", ha="left", va="center", fontsize=6, color=colour)
-    ax.set_title(title, fontsize=7)
-    ax.set_axis_off()
+    def __init__(self):
+        self.wires = {ok: [] for ok in WIRE_STYLES}
+        self.boxes, self.edges, self.dots, self.squares, self.texts = [], [], [], [], []
+
+    def panel(self, boxes, wires, shape: tuple[int, int, int], title: str, origin: tuple[float, float]) -> None:
+        """One panel at origin: wires (grey; dark when right, dashed red when wrong), module
+        boxes, input dots x0.. and output squares y0.. (red when read from the wrong module)."""
+        (n_inputs, n_outputs, depth), (ox, oy), half = shape, origin, BOX_W / 2
+        for x0, y0, x1, y1, ok in wires:
+            start, end = x0 + (half if x0 > 0 else 0.08), x1 - (half if x1 <= depth else 0.08)
+            self.wires[ok].append([(ox + start, oy + y0), (ox + end, oy + y1)])
+        for x, y, label, sub, colour, misplaced in boxes:
+            self.boxes.append((ox + x - half, oy + y - BOX_H / 2))
+            self.edges.append(colour)
+            ink = colour if label == "?" else "black"
+            self.texts.append((ox + x, oy + y + (0.1 if sub else 0), label, dict(ha="center", fontsize=6.5, color=ink)))
+            if sub:
+                ink = WRONG if misplaced else "#495057"
+                self.texts.append((ox + x, oy + y - 0.2, sub, dict(ha="center", fontsize=5, color=ink)))
+        for i, y in enumerate(ys(n_inputs)):
+            self.dots.append((ox, oy + y))
+            self.texts.append((ox - 0.12, oy + y, f"x{i}", dict(ha="right", fontsize=6)))
+        wrong = {y1 for x0, y0, x1, y1, ok in wires if x1 == depth + 1 and ok is False}
+        for o, y in enumerate(ys(n_outputs)):
+            colour = WRONG if y in wrong else "#343a40"
+            self.squares.append((ox + depth + 1, oy + y, colour))
+            self.texts.append((ox + depth + 1.12, oy + y, f"y{o}", dict(ha="left", fontsize=6, color=colour)))
+        self.texts.append((ox + (depth + 1) / 2, oy + (max(n_inputs, 1) / 2) + 0.5, title, dict(ha="center", fontsize=7)))
+
+    def render(self, ax) -> None:
+        from matplotlib.collections import LineCollection, PatchCollection
+        from matplotlib.patches import Rectangle
+
+        for ok, (colour, dash, lw) in WIRE_STYLES.items():
+            if self.wires[ok]:
+                ax.add_collection(LineCollection(self.wires[ok], colors=colour, linestyles=dash, linewidths=lw, zorder=1))
+        frames = [Rectangle(corner, BOX_W, BOX_H) for corner in self.boxes]
+        ax.add_collection(PatchCollection(frames, facecolors="white", edgecolors=self.edges, linewidths=1.5, zorder=2))
+        ax.scatter(*zip(*self.dots), s=9, color="#343a40", zorder=2)
+        x, y, colours = zip(*self.squares)
+        ax.scatter(x, y, s=12, marker="s", c=colours, zorder=2)
+        for x, y, text, style in self.texts:
+            ax.text(x, y, text, va="center", zorder=3, **style)
 
 
 def score(t_marks: dict) -> str:
@@ -336,20 +353,25 @@ def draw(p: dict, path, dpi: int = 80) -> Path:
     cs = p["circuits"] if comparable(p) else None
     depth, n_inputs, n_outputs = len(p["routing"]["inputs"]), p["n_inputs"], len(p["routing"]["outputs"][0])
     heights = column_heights(p, task_marks_, cs)
-    rows, cols, shape = max(n_inputs, *heights, n_outputs), 2 if cs else 1, (n_inputs, n_outputs, depth)
-    fig = Figure(figsize=(cols * (COL_IN * (depth + 2) + 0.5), len(task_marks_) * (ROW_IN * rows + 0.45) + 0.4))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(task_marks_), cols, squeeze=False)
+    rows, shape = max(n_inputs, *heights, n_outputs), (n_inputs, n_outputs, depth)
+    width, height = depth + PANEL_W, rows + TITLE_H  # one panel, in data units
+    canvas = Canvas()
     for t, tm in enumerate(task_marks_):
-        task = f" (task {t})" if len(task_marks_) > 1 else ""
+        task, top = f" (task {t})" if len(task_marks_) > 1 else "", -t * height
         if cs:
-            render(axes[t][0], *true_panel(cs[t], heights), shape, f"true circuit{task}")
+            canvas.panel(*true_panel(cs[t], heights), shape, f"true circuit{task}", (0, top))
         verdict = f": {score(tm)}" if cs else ", no true circuit to compare"
-        render(axes[t][-1], *learned_panel(tm, n_inputs, heights, p["skip_output"]), shape, f"learned{task}{verdict}")
-        for ax in axes[t]:
-            ax.set(xlim=(-0.55, depth + 1.5), ylim=(-rows / 2, rows / 2))
-    fig.text(0.01, 1 - 0.06 / fig.get_figheight(), p.get("title", ""), fontsize=7.5, va="top", weight="bold")
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=1 - 0.42 / fig.get_figheight(), wspace=0.05, hspace=0.15)
+        learned = learned_panel(tm, n_inputs, heights, p["skip_output"])
+        canvas.panel(*learned, shape, f"learned{task}{verdict}", (width if cs else 0, top))
+    cols, n = 2 if cs else 1, len(task_marks_)
+    fig = Figure(figsize=(cols * width * COL_IN, (n * height + 0.6) * ROW_IN))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    left, top = -0.75, rows / 2 + TITLE_H - 0.2 + 0.6
+    ax.set(xlim=(left, left + cols * width), ylim=(top - n * height - 0.6, top))
+    canvas.render(ax)
+    ax.text(left + 0.1, top - 0.35, p.get("title", ""), fontsize=7.5, va="center", weight="bold")
     path = Path(path)
     fig.savefig(path, dpi=dpi)
     return path
@@ -383,8 +405,9 @@ def drawn_content(p: dict) -> str:
 
 class Pictures:
     """`logger.pictures`: circuit.png in each run folder at the end, and the picture logged to the
-    W&B run at the recovery checkpoints (redrawn only when what it shows changed, else the last
-    file is logged again) and at the end. Off (matplotlib never imported) when disabled, for models
+    W&B run at checkpoints during training (the trainer calls `checkpoint` at every other recovery
+    checkpoint; redrawn only when what it shows changed, else the last file is logged again) and
+    at the end. Off (matplotlib never imported) when disabled, for models
     without routed modules and when matplotlib is missing (one warning)."""
 
     def __init__(self, enabled: bool, model, task, logs):

@@ -36,6 +36,23 @@ def best_entry(history: list[dict]) -> dict:
     return max(history, key=lambda h: (h.get("val_acc", 0.0), -h.get("val_loss", 0.0), -h["epoch"]))
 
 
+def arch_label(config: dict) -> str:
+    """mlp, modular/shared + learned/known/known outputs/gumbel, from a resolved config."""
+    model, router = config.get("model", {}), config.get("router", {})
+    target = str(model.get("_target_", ""))
+    if "MLP" in target or "modular" not in target.lower() and "Modular" not in target:
+        return target.rsplit(".", 1)[-1].lower() or "model"
+    kind = "shared" if model.get("shared") else "modular"
+    known = [router.get("known_inputs"), router.get("known_outputs")] + (
+        [router.get("known_locations")] if kind == "shared" else []
+    )
+    if all(known):
+        return f"{kind} known"
+    if router.get("known_outputs") and not any(known[:1] + known[2:]):
+        return f"{kind} known outputs"
+    return f"{kind} gumbel" if router.get("gumbel") else f"{kind} learned"
+
+
 def write_json(path: Path, data: dict) -> None:
     """Atomic write: a reader sees the old file or the whole new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from modnets.checkpoint import Checkpointer
 from modnets.config import ConfigError, check, check_memory, check_model_memory, data_estimate, one_line_errors, validate
 from modnets.models import count_flops, count_parameters, parameter_groups
 from modnets.results import (
+    arch_label,
     best_entry,
     config_hash,
     finished_results,
@@ -244,7 +245,8 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
     tags = [task.name, type(model).__name__.lower(), *(["sweep"] if in_sweep() else [])]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(configs, seeds, dirs)]
+    shown = [c | {"arch": arch_label(c), "task_name": task.name} for c in configs]  # W&B only: keys to group runs by
+    runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(shown, seeds, dirs)]
     logs = SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, group=logger.group or group)
     logs.pictures = draw.Pictures(logger.pictures, model, task, logs)
     return logs
@@ -252,8 +254,8 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
 
 class Recorder:
     """What happens at each evaluation: every replicate's history and W&B metrics, structure
-    recovery and the circuit picture about ten times per run, and a progress line about every
-    tenth of training."""
+    recovery about ten times per run (and the circuit picture at every other one of them), and a
+    progress line about every tenth of training."""
 
     def __init__(self, cfg: DictConfig, b: SimpleNamespace, evaluator: Evaluator, logs: SimpleNamespace):
         tr = cfg.trainer
@@ -278,7 +280,7 @@ class Recorder:
             for h, wandb_run, rec in zip(self.recovery_history, self.runs, recovery.measure(self.model, self.task)):
                 h.append({"epoch": epoch, **rec})
                 wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
-        if epoch % self.every == 0 and not last:  # the last picture is drawn with the results
+        if epoch % (2 * self.every) == 0 and not last:  # every other recovery checkpoint; the last one with the results
             self.pictures.checkpoint(self.model, self.task, epoch)
         if self.progress and (epoch % self.every == 0 or last):
             print(progress_line(epoch, self.epochs, rows), flush=True)

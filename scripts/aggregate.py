@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modnets.results import arch_label
+
 # Config keys that do not define a configuration (where a run wrote and how it logged).
 IGNORED = (
     "seed",
@@ -62,23 +64,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def arch_label(config: dict) -> str:
-    """mlp, modular/shared + learned/known/known outputs/gumbel, from a resolved config."""
-    model, router = config.get("model", {}), config.get("router", {})
-    target = str(model.get("_target_", ""))
-    if "MLP" in target or "modular" not in target.lower() and "Modular" not in target:
-        return target.rsplit(".", 1)[-1].lower() or "model"
-    kind = "shared" if model.get("shared") else "modular"
-    known = [router.get("known_inputs"), router.get("known_outputs")] + (
-        [router.get("known_locations")] if kind == "shared" else []
-    )
-    if all(known):
-        return f"{kind} known"
-    if router.get("known_outputs") and not any(known[:1] + known[2:]):
-        return f"{kind} known outputs"
-    return f"{kind} gumbel" if router.get("gumbel") else f"{kind} learned"
 
 
 def metrics_of(result: dict) -> dict[str, float]:
