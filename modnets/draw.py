@@ -98,8 +98,9 @@ def modules_json(model, circuits: list[Circuit] | None) -> list[dict] | None:
     names = gate_names(k, circuits)
     out = []
     for banks in recovery.module_tables(model):
-        tables = [np.round(b.astype(float), 3).tolist() for b in banks]
-        gates = [[gate_of(row, k, names) for row in b] for b in tables]
+        gates = [[gate_of(row, k, names) for row in b] for b in banks]
+        finite = [np.where(np.isfinite(b), np.round(b.astype(float), 3), None) for b in banks]  # NaN (diverged): null
+        tables = [b.tolist() for b in finite]
         out.append({"k": k, "n_inputs": n_inputs, "tables": tables, "gates": gates})
     return out
 
@@ -181,7 +182,7 @@ def module_mark(p: dict, t: int, i: int, j: int, true: Gate | None, prev, relabe
     m["wires"] = [None] * len(inputs)
     if true is None:
         return m
-    gate_ok = recovery.separates(np.asarray(table), recovery.gate_table(true.op, len(true.inputs)))
+    gate_ok = recovery.separates(np.asarray(table, dtype=float), recovery.gate_table(true.op, len(true.inputs)))
     m["misplaced"] = loc is not None and relabel.get(loc) != joint_library(p["circuits"])[0].index(true.op)
     m["label"] = true.op if gate_ok else label
     m["state"] = "ok" if gate_ok and not m["misplaced"] else "wrong"
@@ -392,7 +393,7 @@ def module_rows(p: dict) -> tuple[list[str], list[list]]:
             for j, m in enumerate(layer):
                 reads = ", ".join(f"x{a}" if i == 0 else f"L{i}.{a}" for a in m["inputs"])
                 true = p["circuits"][t].layers[i][m["place"]].op if m["state"] in ("ok", "wrong") else ""
-                outputs = " ".join(f"{v:.2f}" for v in m["table"])
+                outputs = " ".join("nan" if v is None else f"{v:.2f}" for v in m["table"])
                 rows.append([t, f"L{i + 1}.{j}", m["loc"], reads, outputs, m["gate"], true, m["state"] or ""])
     return columns, rows
 

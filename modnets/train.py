@@ -332,7 +332,7 @@ def write_results(
             "modnets_version": modnets.__version__,
             "git_commit": commit,
             "wandb_id": wandb_run.id,
-            "wandb_group": logs.group,
+            "wandb_group": logs.group if wandb_run.id else None,  # the W&B group it logged to (aggregate.py --wandb)
         }
         write_json(d / "results.json", result)
         logs.pictures.finish(result, d, wandb_run, step=max(recorder.epoch, 1))

@@ -256,3 +256,12 @@ def test_aggregate_wandb_logs_one_table_row_per_configuration_and_the_figures_to
     assert table["data"][0][table["columns"].index("n")] == 2
     images = {p.name.split("_0_")[0] for p in (run_dir / "files" / "media" / "images").glob("*.png")}
     assert images == {"heldout_vs_fraction", "learning_curves", "recovery"}
+
+
+def test_without_a_true_circuit_the_learned_network_is_drawn_alone(cfg_in, tmp_path):
+    result = run(cfg_in("task=bool_6_2", "model.num_modules=[3,2]", "trainer.epochs=2"))[0]
+    assert result["circuits"] is None and len(result["modules"]["gates"]) == 2
+    p = draw.picture_of(result)
+    assert not draw.comparable(p) and {m["state"] for tm in draw.marks(p) for layer in tm["layers"] for m in layer} == {None}
+    width, _ = png_size(tmp_path / "run" / "circuit.png")
+    assert width < 2 * (2 + draw.PANEL_W) * draw.COL_IN * 80  # one panel, not two
