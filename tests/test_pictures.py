@@ -13,6 +13,7 @@ import pytest
 
 from modnets import draw, recovery
 from modnets.circuits import MULTITASK, PRESETS
+from modnets.results import seal
 from modnets.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,7 +245,7 @@ def test_aggregate_wandb_logs_one_table_row_per_configuration_and_the_figures_to
         folder = tmp_path / "sweep" / str(i)
         write_run(folder, i % 2, acc, fraction=fraction)
         result = json.loads((folder / "results.json").read_text())
-        (folder / "results.json").write_text(json.dumps(result | {"wandb_group": "multirun/study-a"}))
+        (folder / "results.json").write_text(json.dumps(seal(result | {"wandb_group": "multirun/study-a"})))
     assert aggregate.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "agg"), "--wandb"]) == 0
     (run_dir,) = (tmp_path / "agg" / "wandb").glob("offline-run-*")
     (info,) = [r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run"]
