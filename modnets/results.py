@@ -47,6 +47,24 @@ def best_entry(history: list[dict]) -> dict:
     return max(history, key=lambda h: (h.get("val_acc", 0.0), -h.get("val_loss", 0.0), -h["epoch"]))
 
 
+def arch_label(config: dict) -> str:
+    """mlp, modular/shared + known/known outputs or the router method (learned, gumbel, soft, ...), from a resolved config."""
+    model, router = config.get("model", {}), config.get("router", {})
+    target = str(model.get("_target_", ""))
+    if "MLP" in target or "modular" not in target.lower() and "Modular" not in target:
+        return target.rsplit(".", 1)[-1].lower() or "model"
+    kind = "shared" if model.get("shared") else "modular"
+    known = [router.get("known_inputs"), router.get("known_outputs")] + (
+        [router.get("known_locations")] if kind == "shared" else []
+    )
+    if all(known):
+        return f"{kind} known"
+    if router.get("known_outputs") and not any(known[:1] + known[2:]):
+        return f"{kind} known outputs"
+    method = str(router.get("_target_", "")).rsplit(".", 1)[-1].lower() or "learned"  # the router method's class
+    return f"{kind} gumbel" if method == "learned" and router.get("gumbel") else f"{kind} {method}"
+
+
 def warn(message: str) -> None:
     print(f"modnets: warning: {message}", file=sys.stderr, flush=True)
 

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import modnets
-from modnets import checkpoint, recovery, routers
+from modnets import checkpoint, draw, recovery, routers
 from modnets.checkpoint import NAME as CHECKPOINT
 from modnets.checkpoint import Checkpointer
 from modnets.config import (
@@ -40,6 +40,7 @@ from modnets.models import count_flops, count_parameters, parameter_groups
 from modnets.results import (
     FolderBusy,
     RunError,
+    arch_label,
     best_entry,
     clear_failure,
     config_hash,
@@ -322,17 +323,21 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
     tags = [task.name, type(model).__name__.lower(), *(["sweep"] if in_sweep() else [])]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(configs, seeds, dirs)]
-    return SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points)
+    shown = [c | {"arch": arch_label(c), "task_name": task.name} for c in configs]  # W&B only: keys to group runs by
+    runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(shown, seeds, dirs)]
+    logs = SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, group=logger.group or group)
+    logs.pictures = draw.Pictures(logger.pictures, model, task, logs)
+    return logs
 
 
 class Recorder:
     """What happens at each evaluation: every replicate's history and W&B metrics, structure
-    recovery about ten times per run, and a progress line about every tenth of training."""
+    recovery about ten times per run (and the circuit picture at every other one of them), and a
+    progress line about every tenth of training."""
 
     def __init__(self, cfg: DictConfig, b: SimpleNamespace, evaluator: Evaluator, logs: SimpleNamespace):
         tr = cfg.trainer
-        self.model, self.task, self.evaluator, self.runs = b.model, b.task, evaluator, logs.runs
+        self.model, self.task, self.evaluator, self.runs, self.pictures = b.model, b.task, evaluator, logs.runs, logs.pictures
         self.epochs, self.progress = int(tr.epochs), bool(tr.progress)
         n_evals = int(tr.epochs) // int(tr.eval_every)
         self.every = max(1, n_evals // 10) * int(tr.eval_every)
@@ -340,10 +345,11 @@ class Recorder:
         self.histories = [[] for _ in b.seeds]
         self.recovery_init = recovery.measure(b.model, b.task)  # the untrained model, a baseline
         self.recovery_history = [[] for _ in b.seeds] if self.recovery_init is not None else None
+        self.epoch = 0
 
     def __call__(self, epoch: int, metrics: torch.Tensor) -> None:
         rows = self.evaluator.as_dicts(metrics)
-        last = epoch == self.epochs
+        last, self.epoch = epoch == self.epochs, epoch
         for history, wandb_run, row in zip(self.histories, self.runs, rows):
             history.append({"epoch": epoch, **row})
             if epoch % self.log_every == 0 or last:
@@ -352,6 +358,8 @@ class Recorder:
             for h, wandb_run, rec in zip(self.recovery_history, self.runs, recovery.measure(self.model, self.task)):
                 h.append({"epoch": epoch, **rec})
                 wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
+        if epoch % (2 * self.every) == 0 and not last:  # every other recovery checkpoint; the last one with the results
+            self.pictures.checkpoint(self.model, self.task, epoch)
         if self.progress and (epoch % self.every == 0 or last):
             print(progress_line(epoch, self.epochs, rows), flush=True)
 
@@ -372,6 +380,8 @@ def write_results(
     params = count_parameters(model, len(seeds))
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
+    modules = draw.modules_json(model, task.circuits) or [None] * len(seeds)
+    circuits = [draw.circuit_json(c) for c in task.circuits] if task.circuits else None
     recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recorder.recovery_init)
     gaps = recorder.evaluator.discretisation_gap(model, len(seeds))  # soft router methods only
     if recoveries is not None and gaps is not None:
@@ -395,6 +405,8 @@ def write_results(
             "params": params,
             "flops": flops,
             "routing": routings[r],
+            "circuits": circuits,
+            "modules": modules[r],
             "recovery": recoveries and {**recoveries[r], "history": recorder.recovery_history[r]},
             "config_hash": config_hash(logs.configs[r]),
             "train_time_s": times["train"],
@@ -403,6 +415,7 @@ def write_results(
             "modnets_version": modnets.__version__,
             "git_commit": commit,
             "wandb_id": wandb_run.id,
+            "wandb_group": logs.group if wandb_run.id else None,  # the W&B group it logged to (aggregate.py --wandb)
         }
         try:
             result = write_json(d / "results.json", result)
@@ -410,6 +423,7 @@ def write_results(
             for later in logs.runs[r:]:
                 later.finish()
             raise RunError(f"could not write {d / 'results.json'}: {e.strerror or one_line(e)}; {kept(cfg)}") from None
+        logs.pictures.finish(result, d, wandb_run, step=max(recorder.epoch, 1))
         summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
