@@ -177,7 +177,9 @@ def validate(cfg: DictConfig) -> None:
                 ok, allowed = kind
                 check(ok(value), key, value, allowed)
     trainer_keys = set()
-    for path in (Path(__file__).resolve().parent.parent / "conf" / "trainer").glob("*.yaml"):
+    from modnets import CONF_DIR
+
+    for path in (CONF_DIR / "trainer").glob("*.yaml"):
         trainer_keys |= set(OmegaConf.load(path).keys())
     for name in cfg.get("trainer", {}) if trainer_keys else ():
         if name not in trainer_keys:

@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str | None:
+    """The commit of the modnets checkout this package runs from; None for an installed copy
+    (site-packages is no checkout, even when it sits inside some other git repository)."""
+    if not ((ROOT / ".git").exists() and (ROOT / "pyproject.toml").is_file() and (ROOT / "conf").is_dir()):
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None

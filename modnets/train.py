@@ -40,7 +40,6 @@ from modnets.results import (
 )
 
 METRICS = ("loss", "acc", "exact")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_device(name: str) -> torch.device:
@@ -353,7 +352,7 @@ def run(cfg: DictConfig) -> list[dict]:
 
 
 @one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError
-@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(modnets.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
