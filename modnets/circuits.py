@@ -1,4 +1,4 @@
-"""Boolean circuits: layers of gate modules with known wiring (SPEC §1).
+"""Boolean circuits: layers of gate modules with known wiring (spec §1).
 
 A circuit is the ground truth a modular network can try to recover: its truth
 table is the dataset, its wiring is the "known routing", and the gate type of
@@ -89,7 +89,7 @@ def circuit(n_inputs: int, *layers: list[tuple[str, tuple[int, ...]]], outputs=N
 
 _XORS = [("XOR", (0, 1)), ("XOR", (2, 3)), ("XOR", (4, 5))]
 
-# The Boolean tasks of SPEC §1, keyed by modularity.
+# The Boolean tasks of spec §1, keyed by modularity.
 PRESETS: dict[tuple[int, ...], Circuit] = {
     (6, 2, 2): circuit(6, _XORS[:2]),
     (6, 3, 2, 2): circuit(6, _XORS, [("AND", (0, 1)), ("AND", (1, 2))]),
@@ -102,7 +102,7 @@ PRESETS: dict[tuple[int, ...], Circuit] = {
 }
 
 
-# Three tasks over the same 6 inputs with gates from {XOR, OR, AND} (SPEC §1, multi-task set).
+# Three tasks over the same 6 inputs with gates from {XOR, OR, AND} (spec §1, multi-task set).
 # Task 2 reads four distinct first-layer functions, so its circuit has four first-layer gates:
 # a set containing it has the joint layer widths [6, 4, 2, 2] (see `joint_modularity`).
 MULTITASK: list[Circuit] = [

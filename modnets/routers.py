@@ -1,4 +1,4 @@
-"""Routers: which inputs each module reads, and which library module each slot uses (SPEC §3).
+"""Routers: which inputs each module reads, and which library module each slot uses (spec §3).
 
 Every router holds logits with a leading replicate dimension and a task dimension,
 `[R, tasks, choices, consumers]`. The forward value is always a hard one-hot selection;
@@ -107,7 +107,7 @@ def noise_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def known_input_logits(shape, choices: list[list[list[int]]]) -> torch.Tensor:
-    """Logits [T, width, consumers] that select `choices[t][consumer]` in order (SPEC §3):
+    """Logits [T, width, consumers] that select `choices[t][consumer]` in order (spec §3):
     1.1 at the first true input, then 1.0 (k = 2) or 1.1 - j/1000 (any k), 0 elsewhere."""
     logits = torch.zeros(shape)
     for t, per_task in enumerate(choices):

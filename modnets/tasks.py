@@ -1,4 +1,4 @@
-"""Tasks: whole datasets as tensors, named splits as index tensors (SPEC §1-2).
+"""Tasks: whole datasets as tensors, named splits as index tensors (spec §1-2).
 
 A task is everything the trainer and the models need to know about the data:
 
@@ -54,7 +54,7 @@ class Task:
 
 
 def split_rows(n_rows: int, train_fraction: float, seed: int) -> dict[str, torch.Tensor]:
-    """SPEC §2: a seeded permutation; `int(n * f)` train rows, the rest halved into val and test."""
+    """spec §2: a seeded permutation; `int(n * f)` train rows, the rest halved into val and test."""
     if not 0.0 < train_fraction < 1.0:
         raise ConfigError("task.train_fraction", train_fraction, "a fraction strictly between 0 and 1")
     perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
@@ -118,7 +118,7 @@ def BooleanTask(
     noise: float = 0.0,
     table_seed: int = 0,
 ) -> Task:
-    """The Boolean task of SPEC §1 with this modularity (`[6, 2]`: a random table, no structure)."""
+    """The Boolean task of spec §1 with this modularity (`[6, 2]`: a random table, no structure)."""
     key = tuple(int(m) for m in modularity)
     name = "bool_" + "_".join(map(str, key))
     if len(key) == 2:
@@ -138,7 +138,7 @@ def MultiTask(
     split_seed: int = 40,
     noise: float = 0.0,
 ) -> Task:
-    """The multi-task set of SPEC §1 (`tasks` picks from its three circuits, e.g. [0, 2]):
+    """The multi-task set of spec §1 (`tasks` picks from its three circuits, e.g. [0, 2]):
     each task's table split the same way, rows tagged with their position in `tasks`."""
     picked = [int(t) for t in tasks]
     ok = len(picked) > 0 and len(set(picked)) == len(picked) and all(0 <= t < len(MULTITASK) for t in picked)

@@ -19,7 +19,7 @@ def gens(*seeds):
 
 
 def spec_tables():
-    """SPEC §1 multi-task set, written out by hand."""
+    """spec §1 multi-task set, written out by hand."""
     x = np.array(list(itertools.product([0, 1], repeat=6)))
     XOR, OR, AND = np.bitwise_xor, np.bitwise_or, np.bitwise_and
     f = [XOR(x[:, 0], x[:, 1]), XOR(x[:, 2], x[:, 3]), XOR(x[:, 4], x[:, 5])]
