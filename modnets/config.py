@@ -108,7 +108,7 @@ RULES = {
     "task.train_fraction": number(0, 1, low_open=True, what="a fraction"),
     "task.noise": number(0, what="a noise std"),
     "task.samples": optional(integer(3)),
-    "task.n_inputs": integer(1),
+    "task.n_inputs": optional(integer(1)),  # null for task=circuit with task.circuits
     "task.widths": optional(int_list(1, min_len=1)),
     "model.hidden": int_list(1),
     "model.num_modules": optional(int_list(1, min_len=1)),
