@@ -303,6 +303,8 @@ def check_model_memory(cfg, build_model, task, routing, replicates: int, device)
         raise
     except Exception:  # the real build reports it
         return
+    if not isinstance(probe, torch.nn.Module):  # the real build reports it (the model contract)
+        return
     params = sum(p.numel() for p in probe.parameters())
     needed = replicates * (16 * params + 4 * sum(b.numel() for b in probe.buffers()))
     what = f"a model ({params:,} parameters per replicate x {replicates} replicates)"

@@ -26,6 +26,7 @@ import modnets
 from modnets import recovery, routers
 from modnets.checkpoint import Checkpointer
 from modnets.config import ConfigError, check, check_memory, check_model_memory, data_estimate, one_line_errors, validate
+from modnets.contracts import Model
 from modnets.models import count_flops, count_parameters, parameter_groups
 from modnets.results import (
     best_entry,
@@ -38,6 +39,7 @@ from modnets.results import (
     replicate_config,
     write_json,
 )
+from modnets.tasks import Task
 
 METRICS = ("loss", "acc", "exact")
 
@@ -216,10 +218,14 @@ def build(cfg: DictConfig):
         check_memory(f"a task of {rows:,} rows", key, value, needed, device)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     task = instantiate(cfg.task, _partial_=True)()
+    allowed = "a callable returning a modnets.tasks.Task (docs/extending.md)"
+    check(isinstance(task, Task), "task._target_", cfg.task._target_, allowed)
     routing = instantiate(cfg.router, _partial_=True)()
     build_model = instantiate(cfg.model, _partial_=True)
     check_model_memory(cfg, build_model, task, routing, len(seeds), device)
     model = build_model(task=task, routing=routing, generators=generators)
+    allowed = "a callable returning an nn.Module with forward(x, task_id, noise) and routing_summary() (docs/extending.md)"
+    check(isinstance(model, torch.nn.Module) and isinstance(model, Model), "model._target_", cfg.model._target_, allowed)
     model.to(device)
     task.to(device)
     optimizer = instantiate(cfg.optimizer)(parameter_groups(model, routing, float(cfg.optimizer.lr)))
