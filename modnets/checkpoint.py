@@ -23,9 +23,9 @@ from omegaconf import OmegaConf
 from modnets.results import UNHASHED, config_hash
 
 NAME = "checkpoint.pt"
-# Keys that do not change what is trained: those a results file's hash ignores, and where and in
-# what chunks it runs. A checkpoint stays valid when only they differ (it may resume on another device).
-IGNORED = (*UNHASHED, "trainer.device", "trainer.eval_batch_size")
+# Keys that do not change what is trained (modnets.results.UNHASHED): a checkpoint stays valid when
+# only they differ (it may resume on another device).
+IGNORED = UNHASHED
 
 
 def warn(message: str) -> None:

@@ -65,10 +65,19 @@ def output_dirs(out: Path, seeds: list[int]) -> list[Path]:
     return [out] if len(seeds) == 1 else [out / f"seed_{s}" for s in seeds]
 
 
-# Resumable sweeps. A run is identified by the hash of its replicate's resolved config, without the
-# keys below (where it writes, how it logs); a job whose every replicate already has a results file
-# with that hash and a final status is skipped, so a relaunched sweep runs only what is missing.
-UNHASHED = ("output_dir", "logger", "trainer.progress", "trainer.threads", "trainer.checkpoint_every")
+# The config keys that do not change what a run computes: where it writes, how it logs and reports,
+# on which device, threads and evaluation chunks it runs, how often it checkpoints. The one list:
+# the results hash (a relaunched sweep skips a job whose every replicate has a results file with
+# this hash and a final status), the checkpoint fingerprint and the aggregator's grouping all ignore them.
+UNHASHED = (
+    "output_dir",
+    "logger",
+    "trainer.progress",
+    "trainer.threads",
+    "trainer.checkpoint_every",
+    "trainer.device",
+    "trainer.eval_batch_size",
+)
 FINAL = ("completed", "diverged")
 
 

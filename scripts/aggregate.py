@@ -25,18 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-# Config keys that do not define a configuration (where a run wrote and how it logged).
-IGNORED = (
-    "seed",
-    "output_dir",
-    "logger.",
-    "trainer.progress",
-    "trainer.threads",
-    "trainer.replicates",
-    "trainer.checkpoint_every",
-)
+from modnets.results import UNHASHED
+
+# Config keys that do not define a configuration: the seed and replicate count (runs differing only
+# in them are one configuration's seeds) and the keys that do not change a run (modnets.results).
+IGNORED = ("seed", "trainer.replicates", *UNHASHED)
 SKIP_DIRS = {"wandb", ".submitit", ".hydra", "checkpoints"}
 ARCH_ORDER = ["mlp", "modular learned", "modular known", "shared learned", "shared known"]
+
+
+def ignored(key: str) -> bool:
+    """A flattened config key (`a.b.c`) that is, or lies under, one of IGNORED."""
+    return any(key == k or key.startswith(k + ".") for k in IGNORED)
 
 
 def find_results(roots: list[str]) -> list[Path]:
@@ -107,7 +107,7 @@ def load(paths: list[Path]):
             error = result.get("error") or result.get("message") or ""
             failures.append({"path": str(path), "status": status, "error": str(error).splitlines()[0] if error else ""})
             continue
-        config = {k: v for k, v in flatten(result.get("config", {})).items() if not k.startswith(IGNORED)}
+        config = {k: v for k, v in flatten(result.get("config", {})).items() if not ignored(k)}
         key = json.dumps(config, sort_keys=True, default=str)
         history = result.get("history") or []
         curve = (np.array([h["epoch"] for h in history]), np.array([h.get("heldout_acc", np.nan) for h in history]))
