@@ -75,7 +75,7 @@ def test_bad_circuits_are_one_line_errors_naming_the_key(layers, key, allowed):
 
 def test_bad_gate_from_the_command_line_is_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["modnets-train", "task=circuit", 'task.layers=[["XOR(0,1)","XOR(2,3)"],["AND(0,9)"]]',
-                                      "logger.mode=disabled", f"hydra.run.dir={tmp_path}"])
+                                      "debug=quiet", f"hydra.run.dir={tmp_path}"])
     with pytest.raises(SystemExit) as e:
         main()
     err = capsys.readouterr().err.strip().splitlines()
@@ -92,7 +92,7 @@ def test_a_circuit_kept_in_the_users_own_config_folder(capsys, tmp_path, monkeyp
     )
     monkeypatch.setattr(sys, "argv", [
         "modnets-train", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "task=majority", "router=known",
-        "router.topk=3", "trainer.epochs=2", "logger.mode=disabled", "trainer.progress=false",
+        "router.topk=3", "debug=fast",
         f"hydra.run.dir={tmp_path / 'run'}",
     ])
     main()

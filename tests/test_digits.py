@@ -5,8 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
-from test_train import cli
+from conftest import cli, make_cfg
 
 from modnets.config import ConfigError
 from modnets.digits import MNIST_FILES, DigitPairTask, pair_labels, read_idx

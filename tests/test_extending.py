@@ -24,8 +24,8 @@ def user_configs(tmp_path: Path) -> Path:
 
 def train(monkeypatch, tmp_path, *overrides):
     monkeypatch.syspath_prepend(str(EXAMPLES))  # the user's module on the path, as `pip install -e .` of their own repo would
-    argv = ["modnets-train", f"hydra.searchpath=[file://{user_configs(tmp_path)}]", "logger.mode=disabled",
-            "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    argv = ["modnets-train", f"hydra.searchpath=[file://{user_configs(tmp_path)}]", "debug=quiet",
+            f"hydra.run.dir={tmp_path / 'run'}", *overrides]
     monkeypatch.setattr(sys, "argv", argv)
     main()
     return [json.loads(p.read_text()) for p in sorted((tmp_path / "run").glob("**/results.json"))]

@@ -189,14 +189,13 @@ def test_two_task_preset_runs_with_per_task_metrics(cfg_in):
 
 
 def test_module_input_size_preset_sweeps_k(tmp_path):
-    from test_train import cli
+    from conftest import cli
 
     proc = cli(
         "-m",
         "experiment=module_input_size",
         "trainer.epochs=1",
-        "trainer.threads=1",
-        "logger.mode=disabled",
+        "debug=quiet",
         f"hydra.sweep.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr

@@ -55,7 +55,7 @@ def test_wheel_installs_and_runs_the_default_experiment_from_any_folder(tmp_path
     assert all(str(venv) in p for p in where) and where[1].endswith("modnets/conf")  # the wheel's copy, not the checkout
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [venv / "bin" / "modnets-train", "trainer.epochs=2", "trainer.progress=false", "logger.mode=disabled"],
+        [venv / "bin" / "modnets-train", "debug=fast"],  # the shipped debug preset: 2 epochs, quiet
         cwd=work, capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
