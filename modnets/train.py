@@ -300,6 +300,7 @@ def write_results(
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
     recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recorder.recovery_init)
+    majority = majority_baseline(task)
     commit = git_commit()
     results = []
     for r, (d, history, wandb_run) in enumerate(zip(logs.dirs, recorder.histories, logs.runs)):
@@ -318,6 +319,7 @@ def write_results(
             "flops": flops,
             "routing": routings[r],
             "recovery": recoveries and {**recoveries[r], "history": recorder.recovery_history[r]},
+            "majority": majority,
             "config_hash": config_hash(logs.configs[r]),
             "train_time_s": times["train"],
             "wall_time_s": time.time() - times["start"],
@@ -333,6 +335,39 @@ def write_results(
         wandb_run.finish(summary)
         results.append(result)
     return results
+
+
+def majority_baseline(task) -> dict[str, float]:
+    """Per split, the bit accuracy of always answering each output's most frequent training value
+    (ties: 0): what a model that learned nothing but the output rates scores."""
+    guess = (task.y[task.splits["train"]].mean(0) > 0.5).float()
+    return {f"{name}_acc": float((task.y[rows] == guess).float().mean()) for name, rows in task.splits.items()}
+
+
+def run_label(cfg: DictConfig) -> str:
+    """What a run is, for its summary line: a sweep job's overrides, else the config group choices."""
+    if not HydraConfig.initialized():
+        return "run"
+    hc = HydraConfig.get()
+    if in_sweep() and hc.job.override_dirname:
+        return hc.job.override_dirname
+    choices = hc.runtime.choices
+    groups = ("experiment", "arch", "task", "model", "router")
+    return " ".join(f"{g}={choices[g]}" for g in groups if choices.get(g) not in (None, "null"))
+
+
+def summary_line(results: list[dict], label: str, out: str) -> str:
+    """One line at the end of a run: held-out accuracy over its seeds against the majority answer."""
+    done = [r for r in results if r.get("final")]
+    if not done:
+        return f"modnets: {label}: no finished evaluation (see {out})"
+    acc = torch.tensor([r["final"]["heldout_acc"] for r in done], dtype=torch.float64)
+    exact = sum(r["final"]["heldout_exact"] for r in done) / len(done)
+    spread = f" ± {acc.std().item():.3f}" if len(done) > 1 else ""
+    seeds = f"{len(done)} seeds" if len(done) > 1 else f"seed {done[0]['config']['seed']}"
+    line = f"modnets: {label}: held-out accuracy {acc.mean().item():.3f}{spread} (all bits right {exact:.3f}), {seeds}"
+    majority = done[0].get("majority", {}).get("heldout_acc")
+    return line + (f"; majority answer {majority:.3f}" if majority is not None else "") + f"  -> {out}"
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -370,6 +405,9 @@ def main(cfg: DictConfig) -> float | None:
             print(f"modnets: config error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         raise
+    out = Path(cfg.output_dir)
+    out = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
+    print(summary_line(results, run_label(cfg), str(out)), flush=True)
     finals = [r["final"]["heldout_acc"] for r in results if r.get("final")]  # diverged runs may have none
     return sum(finals) / len(finals) if finals else float("nan")
 

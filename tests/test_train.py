@@ -102,3 +102,25 @@ def test_bad_overrides_exit_nonzero_with_one_line_naming_the_key(tmp_path, overr
     assert key in proc.stderr.splitlines()[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_quickstart_compares_dense_learned_and_known_with_one_line_each(tmp_path):
+    proc = cli("experiment=quickstart", "debug=fast", "trainer.replicates=2", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    archs = ["arch=mlp", "arch=modular", "arch=modular_known"]
+    lines = [line for line in proc.stdout.splitlines() if "held-out accuracy" in line]
+    assert [line.split(":")[1].strip().split(",")[0] for line in lines] == archs  # label: the job's overrides
+    assert all("2 seeds; majority answer" in line for line in lines)
+    assert sorted(p.parent.parent.name.split(",")[0] for p in tmp_path.glob("*/seed_0/results.json")) == archs
+
+
+def test_majority_baseline_is_the_constant_answer_of_the_training_rows(cfg_in):
+    result = run(cfg_in("debug=fast", "task.train_fraction=0.5"))[0]
+    b = build(cfg_in("debug=fast", "task.train_fraction=0.5"))
+    y, splits = b.task.y, b.task.splits
+    guess = [int(2 * y[splits["train"], j].sum() > len(splits["train"])) for j in range(y.shape[1])]
+    for split in ("train", "heldout"):
+        rows = y[splits[split]]
+        expected = sum(int(v == guess[j]) for row in rows.tolist() for j, v in enumerate(row)) / rows.numel()
+        assert result["majority"][f"{split}_acc"] == pytest.approx(expected)
+    assert 0.5 <= result["majority"]["train_acc"] < 1.0
