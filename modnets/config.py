@@ -253,7 +253,8 @@ def _one_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if isinstance(e, MissingConfigException) and e.options:
         name = (e.missing_cfg_file or "").strip("/")
-        return f"{name}: no such config; expected one of {', '.join(e.options)}"
+        extra = " (the joblib and submitit launchers come with pip install 'modnets[sweeps]')" if "launcher" in name else ""
+        return f"{name}: no such config; expected one of {', '.join(e.options)}{extra}"
     if isinstance(e, OverrideParseException):
         return f"{e.override}: not a valid override ({lines[0] if lines else e.message})"
     cause = e.__cause__

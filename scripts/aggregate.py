@@ -212,7 +212,11 @@ def save(fig, path: Path) -> None:
 
 
 def plot(rows: list[dict], out: Path, curve_fraction: float | None) -> list[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("aggregate: no figures: matplotlib is missing (pip install 'modnets[sweeps]', or --no-plots)", file=sys.stderr)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

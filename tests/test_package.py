@@ -9,6 +9,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from modnets.results import git_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = ["sklearn", "matplotlib"]  # optional-dependency modules: a default run must not need them
 
@@ -63,3 +65,8 @@ def test_wheel_installs_and_runs_the_default_experiment_from_any_folder(tmp_path
     assert result["status"] == "completed" and [h["epoch"] for h in result["history"]] == [1, 2]
     assert result["git_commit"] is None  # an installed copy is no checkout
     assert result["recovery"] is not None  # the recovery metrics ran (scipy is a core dependency)
+
+
+def test_git_commit_is_the_commit_of_the_checkout_that_runs():
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert git_commit() == (head or None)  # a clone of modnets: its HEAD (an exported tree without .git: None)
