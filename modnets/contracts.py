@@ -13,7 +13,8 @@ torch.Generator], **keys)`, returns a `Model` below. Replicate r draws its param
 `generators[r]`, and every parameter has a leading replicate dimension R, so that R seeds train
 as one batched model whose replicates never mix.
 
-**Router**: the `router` group builds what the models read their wiring from; see docs/routing.md.
+**Router**: the `router` group builds a router method (`modnets.routers.Router`, whose module
+docstring holds that contract; docs/routing.md), from which models take their selectors.
 """
 
 from __future__ import annotations
