@@ -36,6 +36,7 @@ from modnets.config import (
     sanity_warnings,
     validate,
 )
+from modnets.contracts import Model
 from modnets.models import count_flops, count_parameters, parameter_groups
 from modnets.results import (
     FolderBusy,
@@ -56,9 +57,9 @@ from modnets.results import (
     warn,
     write_json,
 )
+from modnets.tasks import Task
 
 METRICS = ("loss", "acc", "exact")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_device(name: str) -> torch.device:
@@ -296,10 +297,14 @@ def build(cfg: DictConfig):
         check_memory(f"a task of {rows:,} rows", key, value, needed, device)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     task = instantiate(cfg.task, _partial_=True)()
+    allowed = "a callable returning a modnets.tasks.Task (docs/extending.md)"
+    check(isinstance(task, Task), "task._target_", cfg.task._target_, allowed)
     routing = instantiate(cfg.router, _partial_=True)()
     build_model = instantiate(cfg.model, _partial_=True)
     check_model_memory(cfg, build_model, task, routing, len(seeds), device)
     model = build_model(task=task, routing=routing, generators=generators)
+    allowed = "a callable returning an nn.Module with forward(x, task_id, noise) and routing_summary() (docs/extending.md)"
+    check(isinstance(model, torch.nn.Module) and isinstance(model, Model), "model._target_", cfg.model._target_, allowed)
     model.to(device)
     task.to(device)
     optimizer = instantiate(cfg.optimizer)(parameter_groups(model, routing, float(cfg.optimizer.lr)))
@@ -383,6 +388,7 @@ def write_results(
     modules = draw.modules_json(model, task.circuits) or [None] * len(seeds)
     circuits = [draw.circuit_json(c) for c in task.circuits] if task.circuits else None
     recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recorder.recovery_init)
+    majority = majority_baseline(task)
     gaps = recorder.evaluator.discretisation_gap(model, len(seeds))  # soft router methods only
     if recoveries is not None and gaps is not None:
         recoveries = [r | g for r, g in zip(recoveries, gaps)]
@@ -408,6 +414,7 @@ def write_results(
             "circuits": circuits,
             "modules": modules[r],
             "recovery": recoveries and {**recoveries[r], "history": recorder.recovery_history[r]},
+            "majority": majority,
             "config_hash": config_hash(logs.configs[r]),
             "train_time_s": times["train"],
             "wall_time_s": time.time() - times["start"],
@@ -430,6 +437,39 @@ def write_results(
         wandb_run.finish(summary)
         results.append(result)
     return results
+
+
+def majority_baseline(task) -> dict[str, float]:
+    """Per split, the bit accuracy of always answering each output's most frequent training value
+    (ties: 0): what a model that learned nothing but the output rates scores."""
+    guess = (task.y[task.splits["train"]].mean(0) > 0.5).float()
+    return {f"{name}_acc": float((task.y[rows] == guess).float().mean()) for name, rows in task.splits.items()}
+
+
+def run_label(cfg: DictConfig) -> str:
+    """What a run is, for its summary line: a sweep job's overrides, else the config group choices."""
+    if not HydraConfig.initialized():
+        return "run"
+    hc = HydraConfig.get()
+    if in_sweep() and hc.job.override_dirname:
+        return hc.job.override_dirname
+    choices = hc.runtime.choices
+    groups = ("experiment", "arch", "task", "model", "router")
+    return " ".join(f"{g}={choices[g]}" for g in groups if choices.get(g) not in (None, "null"))
+
+
+def summary_line(results: list[dict], label: str, out: str) -> str:
+    """One line at the end of a run: held-out accuracy over its seeds against the majority answer."""
+    done = [r for r in results if r.get("final")]
+    if not done:
+        return f"modnets: {label}: no finished evaluation (see {out})"
+    acc = torch.tensor([r["final"]["heldout_acc"] for r in done], dtype=torch.float64)
+    exact = sum(r["final"]["heldout_exact"] for r in done) / len(done)
+    spread = f" ± {acc.std().item():.3f}" if len(done) > 1 else ""
+    seeds = f"{len(done)} seeds" if len(done) > 1 else f"seed {done[0]['config']['seed']}"
+    line = f"modnets: {label}: held-out accuracy {acc.mean().item():.3f}{spread} (all bits right {exact:.3f}), {seeds}"
+    majority = done[0].get("majority", {}).get("heldout_acc")
+    return line + (f"; majority answer {majority:.3f}" if majority is not None else "") + f"  -> {out}"
 
 
 def kept(cfg: DictConfig) -> str:
@@ -495,12 +535,15 @@ def failed(cfg: DictConfig, e: Exception) -> None:
 
 
 @one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError
-@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(modnets.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except Exception as e:
         return failed(cfg, e)
+    out = Path(cfg.output_dir)
+    out = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
+    print(summary_line(results, run_label(cfg), str(out)), flush=True)
     finals = [r["final"]["heldout_acc"] for r in results if r.get("final")]  # diverged runs may have none
     return sum(finals) / len(finals) if finals else float("nan")
 

@@ -32,20 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
-from modnets.results import arch_label, problem
+from modnets.results import UNHASHED, arch_label, problem
 
-# Config keys that do not define a configuration (where a run wrote and how it logged).
-IGNORED = (
-    "seed",
-    "output_dir",
-    "logger.",
-    "trainer.progress",
-    "trainer.threads",
-    "trainer.replicates",
-    "trainer.checkpoint_every",
-)
+# Config keys that do not define a configuration: the seed and replicate count (runs differing only
+# in them are one configuration's seeds) and the keys that do not change a run (modnets.results).
+IGNORED = ("seed", "trainer.replicates", *UNHASHED)
 SKIP_DIRS = {"wandb", ".submitit", ".hydra", "checkpoints"}
 ARCH_ORDER = ["mlp", "modular learned", "modular known", "shared learned", "shared known"]
+
+
+def ignored(key: str) -> bool:
+    """A flattened config key (`a.b.c`) that is, or lies under, one of IGNORED."""
+    return any(key == k or key.startswith(k + ".") for k in IGNORED)
 
 
 def find_results(roots: list[str]) -> list[Path]:
@@ -118,7 +116,7 @@ def read_run(path: Path):
     if status != "completed":
         error = result.get("error") or result.get("message") or ""
         return None, (status, str(error).splitlines()[0] if error else "")
-    config = {k: v for k, v in flatten(result.get("config", {})).items() if not k.startswith(IGNORED)}
+    config = {k: v for k, v in flatten(result.get("config", {})).items() if not ignored(k)}
     history = result.get("history") or []
     curve = (np.array([h["epoch"] for h in history]), np.array([h.get("heldout_acc", np.nan) for h in history], dtype=float))
     metrics = metrics_of(result)
@@ -226,7 +224,11 @@ def save(fig, path: Path) -> None:
 
 
 def plot(rows: list[dict], out: Path, curve_fraction: float | None) -> list[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("aggregate: no figures: matplotlib is missing (pip install 'modnets[sweeps]', or --no-plots)", file=sys.stderr)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
