@@ -18,7 +18,7 @@ from conftest import make_cfg
 
 from modnets.train import run
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one worker owns the cluster
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 TINY = ["experiment=modular", "trainer.epochs=2", "logger.mode=disabled", "trainer.progress=false", "trainer.threads=1"]
