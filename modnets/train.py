@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import modnets
-from modnets import recovery, routers
+from modnets import recovery, routers, selection
 from modnets.checkpoint import Checkpointer
 from modnets.config import ConfigError, check, check_memory, check_model_memory, data_estimate, one_line_errors, validate
 from modnets.models import count_flops, count_parameters, parameter_groups
@@ -245,7 +245,7 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(configs, seeds, dirs)]
-    return SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points)
+    return SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, wandb=(logger, name, group))
 
 
 class Recorder:
@@ -331,12 +331,14 @@ def write_results(
 
 
 def run(cfg: DictConfig) -> list[dict]:
-    """Build everything from the config, train, write one results.json per replicate."""
+    """Build everything from the config, train, write one results.json per replicate (and, with
+    `trainer.select`, `selected/results.json`: modnets.selection)."""
     start = time.time()
     validate(cfg)  # before anything reads the config (build validates again: it is also called alone)
     done = finished_results(cfg)
     if done is not None:  # a relaunched sweep: this job already ran with exactly this config
         print(f"modnets: skipped, {cfg.output_dir} holds finished results of this config", flush=True)
+        selection.write_selected(cfg, done)  # selection reads only the results: cheap to redo
         return done
     b = build(cfg)
     evaluator = Evaluator(b.task, int(cfg.trainer.eval_batch_size))
@@ -349,7 +351,9 @@ def run(cfg: DictConfig) -> list[dict]:
         evaluator=evaluator, on_eval=recorder, extra_state=extra,
     )
     times = {"start": start, "train": time.time() - fit_start}
-    return write_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
+    results = write_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
+    selection.write_selected(cfg, results, wandb=logs.wandb)
+    return results
 
 
 @one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError

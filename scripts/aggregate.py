@@ -2,7 +2,9 @@
 
 Reads every `results.json` under the given folders (replicates under `seed_*/` and separately
 launched runs alike), groups runs whose configs differ only in `seed` (and in where and how they
-were logged), and writes to `--out` (default: `aggregate/` in the first folder):
+were logged), and writes to `--out` (default: `aggregate/` in the first folder). A population's
+`selected/results.json` (`trainer.select`) is one run of its own configuration, "best of R": its
+`trainer.replicates` counts, its seed is the population's base seed.
 
 - `summary.csv`: one row per configuration: the config keys that vary across the sweep, `arch`,
   `n` (seeds), and for every metric `_mean`, `_std` (sample std) and `_ci95` (half-width of the 95%
@@ -107,7 +109,9 @@ def load(paths: list[Path]):
             error = result.get("error") or result.get("message") or ""
             failures.append({"path": str(path), "status": status, "error": str(error).splitlines()[0] if error else ""})
             continue
-        config = {k: v for k, v in flatten(result.get("config", {})).items() if not k.startswith(IGNORED)}
+        selected = result.get("selection")  # selected/results.json: one run of "best of R" (modnets.selection)
+        ignored = tuple(k for k in IGNORED if not (selected and k == "trainer.replicates"))
+        config = {k: v for k, v in flatten(result.get("config", {})).items() if not k.startswith(ignored)}
         key = json.dumps(config, sort_keys=True, default=str)
         history = result.get("history") or []
         curve = (np.array([h["epoch"] for h in history]), np.array([h.get("heldout_acc", np.nan) for h in history]))
@@ -119,7 +123,7 @@ def load(paths: list[Path]):
                 "metrics": metrics_of(result),
                 "curve": curve,
                 "seed": seed,
-                "arch": arch_label(result.get("config", {})),
+                "arch": arch_label(result.get("config", {})) + (f", best of {len(selected['among'])}" if selected else ""),
                 "path": str(path),
             }
         )
