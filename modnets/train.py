@@ -75,9 +75,10 @@ class Evaluator:
         self.counts = self.membership.sum(1)[:, None]  # sums of 0/1 then one division: 13/13 is exactly 1
 
     @torch.no_grad()
-    def __call__(self, model, replicates: int) -> torch.Tensor:
-        """Metrics [R, splits, 3] (loss, acc, exact), on the device."""
-        model.eval()
+    def __call__(self, model, replicates: int, hard: bool = True) -> torch.Tensor:
+        """Metrics [R, splits, 3] (loss, acc, exact), on the device. `hard=False`: the routers'
+        training-mode forward without noise (a soft router's mixture), for the discretisation gap."""
+        model.train(not hard)
         per_row = []
         for rows in self.rows.split(self.batch_size):
             x = self.task.x[rows]
@@ -89,6 +90,16 @@ class Evaluator:
             per_row.append(torch.stack([loss, correct.float().mean(2), correct.all(2).float()], 2))
         model.train()
         return torch.einsum("rnm,sn->rsm", torch.cat(per_row, 1), self.membership) / self.counts
+
+    def discretisation_gap(self, model, replicates: int) -> list[dict[str, float]] | None:
+        """Per replicate, soft minus hard accuracy (train and held-out rows) of a soft router
+        method at its final temperature; None for methods whose training forward is hard."""
+        method = getattr(model, "routing", None)
+        if method is None or not method.soft:
+            return None
+        gap = (self(model, replicates, hard=False) - self(model, replicates))[:, :, 1].cpu().tolist()
+        return [{f"discretisation_gap_{split}": g[s] for s, split in enumerate(self.names) if split in ("train", "heldout")}
+                for g in gap]
 
     def as_dicts(self, metrics: torch.Tensor) -> list[dict[str, float]]:
         values = metrics.cpu().tolist()
@@ -136,6 +147,7 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     steps = math.ceil(n_train / batch)
     noise_shapes = routers.noise_shapes(model)
     per_sample = bool(getattr(model, "noise_per_sample", False))
+    method = getattr(model, "routing", None)  # the router method: temperature schedule, extra loss terms
     saver = Checkpointer(cfg, model, optimizer, scheduler, generators, extra_state)
     start = saver.resume()
     for epoch, metrics in saver.evals:  # the history so far, as if it had just been evaluated
@@ -143,6 +155,9 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     saver.restore_extra()
     diverged = saver.diverged
     for epoch in range(start + 1, int(tr.epochs) + 1):
+        progress = (epoch - 1) / max(1, int(tr.epochs) - 1)
+        if method is not None:
+            method.schedule(model, progress)
         epoch_loss = torch.zeros(R, device=task.x.device)
         order, x_noise, r_noise = draw_epoch(
             generators, n_train, task.x.shape[1:], task.noise, noise_shapes, steps, per_sample, task.x.device
@@ -156,10 +171,12 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
                 x = x + x_noise[:, part]
             noise = {k: v[:, part] if per_sample else v[:, s : s + 1] for k, v in r_noise.items()}
             logits = model(x, task.task_id[idx], noise)
-            losses = F.binary_cross_entropy_with_logits(logits, task.y[idx], reduction="none").mean((1, 2))
+            per_output = F.binary_cross_entropy_with_logits(logits, task.y[idx], reduction="none")
+            losses = per_output.mean((1, 2))
             epoch_loss += losses.detach()  # NaN and inf stick: checked once per epoch, no sync per step
+            extra = method.loss(model, per_output, progress) if method is not None else None
             optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
+            (losses.sum() if extra is None else losses.sum() + extra.sum()).backward()
             optimizer.step()
         scheduler.step()
         due = epoch % int(tr.eval_every) == 0 or epoch == int(tr.epochs)
@@ -295,6 +312,9 @@ def write_results(
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
     recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recorder.recovery_init)
+    gaps = recorder.evaluator.discretisation_gap(model, len(seeds))
+    if recoveries is not None and gaps is not None:
+        recoveries = [r | g for r, g in zip(recoveries, gaps)]
     commit = git_commit()
     results = []
     for r, (d, history, wandb_run) in enumerate(zip(logs.dirs, recorder.histories, logs.runs)):

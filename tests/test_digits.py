@@ -11,7 +11,7 @@ from test_train import cli
 from modnets.config import ConfigError
 from modnets.digits import MNIST_FILES, DigitPairTask, pair_labels, read_idx
 from modnets.models import ModularNet
-from modnets.routers import Routing
+from modnets.routers import Learned
 from modnets.train import run
 from modnets.vision import ImageModularNet
 
@@ -131,7 +131,7 @@ def test_known_routing_generalises_to_unseen_pairs(cfg_in):
 @pytest.mark.parametrize("shared", [False, True])
 def test_image_modular_replicate_r_is_the_model_of_seed_plus_r(task, image_module, shared):
     make = lambda *seeds: ImageModularNet(  # noqa: E731
-        task, Routing(), [torch.Generator().manual_seed(s) for s in seeds], image_module=image_module, shared=shared
+        task, Learned(), [torch.Generator().manual_seed(s) for s in seeds], image_module=image_module, shared=shared
     )
     both, single = make(5, 6), make(6)
     idx = task.splits["train"][:16]
@@ -145,4 +145,4 @@ def test_image_modular_replicate_r_is_the_model_of_seed_plus_r(task, image_modul
 
 def test_boolean_modular_model_on_images_is_a_config_error(task):
     with pytest.raises(ConfigError, match="model"):
-        ModularNet(task, Routing(), [torch.Generator().manual_seed(0)])
+        ModularNet(task, Learned(), [torch.Generator().manual_seed(0)])
