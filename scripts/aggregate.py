@@ -62,7 +62,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def arch_label(config: dict) -> str:
-    """mlp, modular/shared + learned/known/known outputs/gumbel, from a resolved config."""
+    """mlp, modular/shared + known/known outputs or the router method (learned, gumbel, soft, ...)."""
     model, router = config.get("model", {}), config.get("router", {})
     target = str(model.get("_target_", ""))
     if "MLP" in target or "modular" not in target.lower() and "Modular" not in target:
@@ -75,7 +75,10 @@ def arch_label(config: dict) -> str:
         return f"{kind} known"
     if router.get("known_outputs") and not any(known[:1] + known[2:]):
         return f"{kind} known outputs"
-    return f"{kind} gumbel" if router.get("gumbel") else f"{kind} learned"
+    method = str(router.get("_target_", "")).rsplit(".", 1)[-1].lower()  # the router method's class
+    if method in ("", "routing", "learned"):
+        method = "gumbel" if router.get("gumbel") else "learned"
+    return f"{kind} {method}"
 
 
 def metrics_of(result: dict) -> dict[str, float]:

@@ -124,3 +124,38 @@ def test_bad_selection_settings_are_one_line_errors():
         validate(make_cfg("trainer.select=val_loss"))
     with pytest.raises(ConfigError, match="trainer.population=3: expected a divisor of trainer.replicates=8"):
         validate(make_cfg("trainer.replicates=8", "trainer.population=3"))
+
+
+BENCH = importlib.util.spec_from_file_location("routing_benchmark", ROOT / "scripts" / "routing_benchmark.py")
+routing_benchmark = importlib.util.module_from_spec(BENCH)
+BENCH.loader.exec_module(routing_benchmark)
+BENCHMARK_TASKS = sorted(p.stem for p in (ROOT / "conf" / "benchmark_task").glob("*.yaml"))
+BENCHMARK_ARCHS = ["mlp", "shared_known", "modular", "modular_gumbel", "modular_soft", "modular_sampling"]
+
+
+@pytest.mark.parametrize("task", BENCHMARK_TASKS)
+def test_routing_benchmark_cells_compose_and_build(task):
+    for arch in BENCHMARK_ARCHS:
+        cfg = make_cfg("experiment=routing_benchmark", f"benchmark_task={task}", f"arch={arch}", "trainer.replicates=2",
+                       "trainer.population=1")
+        b = build(cfg)
+        assert b.task.circuits and len(b.seeds) == 2
+
+
+def test_routing_benchmark_sweep_runs_and_is_tabulated(tmp_path):
+    from test_train import cli
+
+    sweep = tmp_path / "bench"
+    proc = cli("experiment=routing_benchmark", "benchmark_task=bool_6_2_2", "task.train_fraction=0.8", "arch=mlp,modular_soft",
+               "trainer.epochs=2", "trainer.replicates=4", "trainer.population=2", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list(sweep.rglob("selected/seed_*/results.json"))) == 4
+    runs, failures = aggregate.load(aggregate.find_results([str(sweep)]))
+    table = routing_benchmark.cells(runs)
+    assert not failures and set(table) == {
+        ("[6, 2, 2]", 0.8, method, selected) for method in ("mlp", "modular soft") for selected in (False, True)
+    }
+    assert table[("[6, 2, 2]", 0.8, "modular soft", True)]["n"] == 2 and table[("[6, 2, 2]", 0.8, "mlp", False)]["n"] == 4
+    assert table[("[6, 2, 2]", 0.8, "mlp", False)]["exact"] is None  # no routing to recover
+    text = routing_benchmark.markdown(table)
+    assert "| modular soft, best of 2 | 2 |" in text and "| mlp | 4 |" in text
