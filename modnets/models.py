@@ -235,12 +235,18 @@ class ModularNet(nn.Module):
             routed = router(h, task_id, noise.get(f"routers.{i}"))
             if self.shared:
                 scores = self.locations[i](task_id, noise.get(f"locations.{i}"))  # [R, B|1, library, n]
-                mix = lambda x, s=scores: torch.einsum("rbnl,rbln->rbn", self.bank.every_module(x).squeeze(-1), s)  # noqa: E731
-                h = candidates(mix, routed)
+                h = candidates(lambda x, s=scores: self.mix(x, s), routed)
             else:
                 h = candidates(lambda x, bank=self.banks[i]: bank(x).squeeze(-1), routed)
             outputs.append(h)
         return outputs
+
+    def mix(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Shared library on slot inputs x [R, B', slots, k], weighted by module scores
+        [R, B|1, library, slots] (B' = B x candidates: each sample's scores serve all its candidates)."""
+        if scores.shape[1] not in (1, x.shape[1]):
+            scores = scores.repeat_interleave(x.shape[1] // scores.shape[1], 1)
+        return torch.einsum("rbnl,rbln->rbn", self.bank.every_module(x).squeeze(-1), scores)
 
     def forward(self, x, task_id, noise=None):
         outputs = self.layers(x, task_id, noise)

@@ -290,8 +290,9 @@ class Router:
     `known_inputs` / `known_outputs` / `known_locations` the model passes the task's truth and
     gets fixed selectors whatever the method. Regularisers for any learned method: `entropy` (a
     bonus weight on the selectors' entropy, annealed linearly to 0 over training) and `duplicate`
-    (a penalty weight on two modules of a layer choosing the same input set: the overlap of
-    their choice distributions)."""
+    (a penalty weight on two consumers of an input router choosing the same: two modules of a
+    layer the same input set, two output bits the same module; the overlap of their choice
+    distributions, see `overlap`)."""
 
     topk: int = 2  # module arity: inputs each module reads
     tau: float = 1.0  # temperature of the selection scores in training (start of the schedule)
@@ -356,7 +357,7 @@ class Router:
         if weight > 0:
             total = -weight * sum(entropy(m.probs()) for m in selectors(model))
         if self.duplicate > 0:
-            dup = sum(overlap(m.probs()) for m in selectors(model) if isinstance(m, InputRouter) and m.sets)
+            dup = sum(overlap(m.probs()) for m in selectors(model) if isinstance(m, InputRouter))
             total = self.duplicate * dup if total is None else total + self.duplicate * dup
         return total
 
@@ -405,8 +406,12 @@ class Soft(Router):
     tau_end: float | None = 0.02
     lr: float = 0.05
     max_sets: int = 64  # most candidate sets per module before falling back to a softmax per input
+    init_scale: float = 1.0  # initial logits N(0, init_scale^2): 0 starts from uniform mixtures
 
     soft = True
+
+    def draw_logits(self, generators, shape) -> torch.Tensor:
+        return super().draw_logits(generators, shape) * self.init_scale
 
     def input_router(self, generators, shape, k: int, truth=None, sets: bool = False) -> InputRouter:
         T, width, n = shape

@@ -23,19 +23,36 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import modnets
-from modnets import recovery, routers, selection
+from modnets import checkpoint, recovery, routers, selection
+from modnets.checkpoint import NAME as CHECKPOINT
 from modnets.checkpoint import Checkpointer
-from modnets.config import ConfigError, check, check_memory, check_model_memory, data_estimate, one_line_errors, validate
+from modnets.config import (
+    ConfigError,
+    check,
+    check_memory,
+    check_model_memory,
+    data_estimate,
+    one_line_errors,
+    sanity_warnings,
+    validate,
+)
 from modnets.models import count_flops, count_parameters, parameter_groups
 from modnets.results import (
+    FolderBusy,
+    RunError,
     best_entry,
+    clear_failure,
     config_hash,
     finished_results,
     git_commit,
     in_sweep,
+    lock_folder,
+    one_line,
+    os_problem,
     output_dirs,
     record_failure,
     replicate_config,
+    warn,
     write_json,
 )
 
@@ -129,6 +146,45 @@ def draw_epoch(generators, n_train, x_shape, noise_std, noise_shapes, steps, per
     )
 
 
+class LastFinite:
+    """Every replicate's weights at its last finite evaluation. A replicate that diverges keeps
+    the copy taken before its NaN, and `restore` writes it back into the model when training
+    ends, so that its routing and recovery describe the model its history ends with (the initial
+    weights when it diverged before its first evaluation). Costs one copy of the parameters."""
+
+    def __init__(self, model, replicates: int):
+        self.params = [p for p in model.parameters() if p.shape[:1] == (replicates,)]
+        self.snapshot = [p.detach().clone() for p in self.params]
+        self.kept: dict[int, list[torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def evaluated(self) -> None:
+        for s, p in zip(self.snapshot, self.params):
+            s.copy_(p)
+
+    def diverged(self, r: int) -> None:
+        self.kept[r] = [s[r].clone() for s in self.snapshot]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for r, slices in self.kept.items():
+            for p, s in zip(self.params, slices):
+                p[r] = s
+
+    def state(self) -> dict:
+        """For the checkpoint; the snapshot only when it is not the weights themselves (checkpointed
+        right after an evaluation, the usual case, it is)."""
+        cpu = lambda ts: [t.cpu() for t in ts]  # noqa: E731
+        same = all(torch.equal(s, p) for s, p in zip(self.snapshot, self.params))
+        return {"snapshot": None if same else cpu(self.snapshot), "kept": {r: cpu(ts) for r, ts in self.kept.items()}}
+
+    @torch.no_grad()
+    def load(self, state: dict) -> None:  # after the model's weights are loaded
+        for s, t in zip(self.snapshot, state["snapshot"] or self.params, strict=True):
+            s.copy_(t)
+        self.kept = {int(r): [t.to(s.device) for t, s in zip(ts, self.snapshot)] for r, ts in state["kept"].items()}
+
+
 def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, extra_state=None) -> dict[int, int]:
     """The training loop: every epoch, shuffled minibatches; every `eval_every` epochs, metrics.
 
@@ -138,7 +194,9 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     the model, not from the metrics) is checkpointed and restored in place. Returns the
     replicates that diverged, {replicate: epoch}: a replicate whose training loss is NaN or inf
     in an epoch (checked once per epoch) is reported; the others train on (replicates never mix),
-    and training stops when every replicate has diverged.
+    and training stops when every replicate has diverged. A diverged replicate's weights are put
+    back to those of its last finite evaluation (`LastFinite`). The checkpoint stays: the caller
+    removes it (`modnets.checkpoint.remove`) once the results are safely written.
     """
     tr = cfg.trainer
     R = len(generators)
@@ -148,7 +206,8 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     noise_shapes = routers.noise_shapes(model)
     per_sample = bool(getattr(model, "noise_per_sample", False))
     method = getattr(model, "routing", None)  # the router method: temperature schedule, extra loss terms
-    saver = Checkpointer(cfg, model, optimizer, scheduler, generators, extra_state)
+    last_finite = LastFinite(model, R)
+    saver = Checkpointer(cfg, model, optimizer, scheduler, generators, extra_state, last_finite)
     start = saver.resume()
     for epoch, metrics in saver.evals:  # the history so far, as if it had just been evaluated
         on_eval(epoch, metrics.to(task.x.device))
@@ -187,6 +246,7 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
         for r in (~finite).nonzero().flatten().tolist():  # one sync per epoch
             if r not in diverged:
                 diverged[r] = epoch
+                last_finite.diverged(r)
                 who = f"seed {int(cfg.seed) + r}" + (f", replicate {r} of {R}" if R > 1 else "")
                 then = "the other replicates train on" if len(diverged) < R else "training stopped"
                 print(
@@ -197,11 +257,12 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
         if len(diverged) == R:
             break
         if metrics is not None:
+            last_finite.evaluated()  # the weights these metrics come from
             saver.record(epoch, metrics)
             on_eval(epoch, metrics)
         if epoch < int(tr.epochs):
             saver.save(epoch)
-    saver.remove()
+    last_finite.restore()
     return diverged
 
 
@@ -312,7 +373,7 @@ def write_results(
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
     recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recorder.recovery_init)
-    gaps = recorder.evaluator.discretisation_gap(model, len(seeds))
+    gaps = recorder.evaluator.discretisation_gap(model, len(seeds))  # soft router methods only
     if recoveries is not None and gaps is not None:
         recoveries = [r | g for r, g in zip(recoveries, gaps)]
     commit = git_commit()
@@ -320,6 +381,8 @@ def write_results(
     for r, (d, history, wandb_run) in enumerate(zip(logs.dirs, recorder.histories, logs.runs)):
         if r in diverged:  # keep the evaluations before the epoch whose training loss was NaN or inf
             history[:] = [h for h in history if h["epoch"] < diverged[r]]
+            if recorder.recovery_history is not None:
+                recorder.recovery_history[r][:] = [h for h in recorder.recovery_history[r] if h["epoch"] < diverged[r]]
         best = best_entry(history) if history else None
         result = {
             "status": "diverged" if r in diverged else "completed",
@@ -341,7 +404,12 @@ def write_results(
             "git_commit": commit,
             "wandb_id": wandb_run.id,
         }
-        write_json(d / "results.json", result)
+        try:
+            result = write_json(d / "results.json", result)
+        except OSError as e:  # a full disk: W&B runs are closed, the checkpoint stays for the relaunch
+            for later in logs.runs[r:]:
+                later.finish()
+            raise RunError(f"could not write {d / 'results.json'}: {e.strerror or one_line(e)}; {kept(cfg)}") from None
         summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
@@ -350,16 +418,35 @@ def write_results(
     return results
 
 
+def kept(cfg: DictConfig) -> str:
+    """What a relaunch after a failed results write will do."""
+    if (Path(cfg.output_dir) / CHECKPOINT).exists():
+        return "the checkpoint is kept: free space and relaunch to resume"
+    return "no checkpoint to resume from (trainer.checkpoint_every=N keeps one): free space and relaunch"
+
+
 def run(cfg: DictConfig) -> list[dict]:
     """Build everything from the config, train, write one results.json per replicate (and, with
-    `trainer.select`, `selected/results.json`: modnets.selection)."""
+    `trainer.select`, `selected/results.json`: modnets.selection). The output folder is locked
+    for the run's duration (a second process on it stops)."""
     start = time.time()
     validate(cfg)  # before anything reads the config (build validates again: it is also called alone)
-    done = finished_results(cfg)
-    if done is not None:  # a relaunched sweep: this job already ran with exactly this config
-        print(f"modnets: skipped, {cfg.output_dir} holds finished results of this config", flush=True)
-        selection.write_selected(cfg, done)  # selection reads only the results: cheap to redo
+    with lock_folder(Path(cfg.output_dir)):
+        done = finished_results(cfg)
+        if done is None:
+            for line in sanity_warnings(cfg):
+                warn(line)
+            done = train(cfg, start)
+            checkpoint.remove(cfg.output_dir)  # only now: the results are safely written
+        else:  # a relaunched sweep: this job already ran with exactly this config
+            print(f"modnets: skipped, {cfg.output_dir} holds finished results of this config", flush=True)
+            selection.write_selected(cfg, done)  # selection reads only the results: cheap to redo
+        clear_failure(Path(cfg.output_dir), int(cfg.trainer.replicates))
         return done
+
+
+def train(cfg: DictConfig, start: float) -> list[dict]:
+    """Build, train and write the results files (`run` without its folder bookkeeping)."""
     b = build(cfg)
     evaluator = Evaluator(b.task, int(cfg.trainer.eval_batch_size))
     logs = open_runs(cfg, b)
@@ -376,19 +463,34 @@ def run(cfg: DictConfig) -> list[dict]:
     return results
 
 
+def failed(cfg: DictConfig, e: Exception) -> None:
+    """A run that raised. In a sweep: recorded as a `failed` results file (or, when even that
+    fails, reported on stderr), and the sweep goes on. Alone: one line and exit code 2 (config)
+    or 1 (a file, a folder, a disk); anything else is a bug and keeps its traceback."""
+    if isinstance(e, FolderBusy):  # its folder and results belong to the other process
+        print(f"modnets: error: {e}", file=sys.stderr, flush=True)
+        if in_sweep():
+            return None
+        raise SystemExit(1) from None
+    if in_sweep():
+        record_failure(cfg, e)
+        return None
+    if isinstance(e, ConfigError):
+        print(f"modnets: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if isinstance(e, (RunError, OSError)):
+        print(f"modnets: error: {os_problem(e) if isinstance(e, OSError) else e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    raise e
+
+
 @one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except Exception as e:
-        if in_sweep():  # one failing job must not stop the sweep: record it and go on
-            record_failure(cfg, e)
-            return None
-        if isinstance(e, ConfigError):
-            print(f"modnets: config error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
+        return failed(cfg, e)
     finals = [r["final"]["heldout_acc"] for r in results if r.get("final")]  # diverged runs may have none
     return sum(finals) / len(finals) if finals else float("nan")
 

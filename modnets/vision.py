@@ -149,6 +149,9 @@ class ImageModularNet(nn.Module):
         noise = noise.repeat_interleave(n, 1) if noise is not None and per_sample else noise
         picks = self.image_router(eye, tid, noise).x[:, :, 0].reshape(R, rows, n, -1)  # [R, rows, images, slots]
         picks = picks.expand(R, B, -1, -1)
+        log_prob = getattr(self.image_router, "log_prob", None)  # a sampling router saw each sample n times
+        if log_prob is not None and log_prob.shape[1] == rows * n:
+            self.image_router.log_prob = log_prob.view(R, rows, n)[:, :, 0]
         return torch.einsum("rbnd,rbns->rbsd", x.flatten(3), picks).view(R, B, -1, *x.shape[3:])
 
     def encode(self, images, task_id, noise):

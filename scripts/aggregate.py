@@ -4,12 +4,14 @@ Reads every `results.json` under the given folders (replicates under `seed_*/` a
 launched runs alike), groups runs whose configs differ only in `seed` (and in where and how they
 were logged), and writes to `--out` (default: `aggregate/` in the first folder). A population's
 `selected/results.json` (`trainer.select`) is one run of its own configuration, "best of R": its
-`trainer.replicates` counts, its seed is the population's base seed.
+`trainer.replicates` counts, its seed is the population's base seed. Output:
 
 - `summary.csv`: one row per configuration: the config keys that vary across the sweep, `arch`,
   `n` (seeds), and for every metric `_mean`, `_std` (sample std) and `_ci95` (half-width of the 95%
   Student-t interval over seeds: mean ± ci95);
-- `runs.csv`: one row per run; `failures.csv`: every run whose status is not `completed`;
+- `runs.csv`: one row per run; `failures.csv`: every file not counted, with why: a run whose status
+  is not `completed`, an unreadable or malformed file, a file modnets did not write (no valid
+  checksum), a run with a NaN or inf metric, a second copy of a run (same config hash and seed);
 - `heldout_vs_fraction.png`, `learning_curves.png`, `recovery.png` (with `--plots`, the default).
 """
 
@@ -26,6 +28,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from modnets.results import problem
 
 # Config keys that do not define a configuration (where a run wrote and how it logged).
 IGNORED = (
@@ -62,7 +66,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def arch_label(config: dict) -> str:
-    """mlp, modular/shared + known/known outputs or the router method (learned, gumbel, soft, ...)."""
+    """mlp, modular/shared + known/known outputs or the router method (learned, gumbel, soft, ...), from a resolved config."""
     model, router = config.get("model", {}), config.get("router", {})
     target = str(model.get("_target_", ""))
     if "MLP" in target or "modular" not in target.lower() and "Modular" not in target:
@@ -75,10 +79,8 @@ def arch_label(config: dict) -> str:
         return f"{kind} known"
     if router.get("known_outputs") and not any(known[:1] + known[2:]):
         return f"{kind} known outputs"
-    method = str(router.get("_target_", "")).rsplit(".", 1)[-1].lower()  # the router method's class
-    if method in ("", "routing", "learned"):
-        method = "gumbel" if router.get("gumbel") else "learned"
-    return f"{kind} {method}"
+    method = str(router.get("_target_", "")).rsplit(".", 1)[-1].lower() or "learned"  # the router method's class
+    return f"{kind} gumbel" if method == "learned" and router.get("gumbel") else f"{kind} {method}"
 
 
 def metrics_of(result: dict) -> dict[str, float]:
@@ -99,38 +101,60 @@ def metrics_of(result: dict) -> dict[str, float]:
 
 
 def load(paths: list[Path]):
-    """Completed runs as (config key, config, metrics, curve) and failures as dicts."""
-    runs, failures = [], []
+    """Completed runs as dicts (config key, config, metrics, curve, ...) and every other file as a
+    failure: failed or diverged runs, unreadable, malformed or foreign files (`results.problem`:
+    no valid modnets checksum), runs with a NaN or inf metric, and a second copy of a run
+    (same config hash and seed) found in another folder. Never raises on a file's content."""
+    runs, failures, seen = [], [], {}
     for path in paths:
         try:
-            result = json.loads(path.read_text())
+            run, reason = read_run(path)
         except (OSError, ValueError) as e:
-            failures.append({"path": str(path), "status": "unreadable", "error": str(e)})
+            run, reason = None, ("unreadable", " ".join(str(e).split()))
+        except (KeyError, TypeError, AttributeError, IndexError) as e:  # sealed, yet not shaped as modnets writes
+            run, reason = None, ("malformed", f"{type(e).__name__}: {e}")
+        if run is not None and run["id"] in seen:
+            run, reason = None, ("duplicate", f"same config hash and seed as {seen[run['id']]}; counted once")
+        if run is None:
+            failures.append({"path": str(path), "status": reason[0], "error": reason[1]})
             continue
-        status = result.get("status", "unknown")
-        if status != "completed":
-            error = result.get("error") or result.get("message") or ""
-            failures.append({"path": str(path), "status": status, "error": str(error).splitlines()[0] if error else ""})
-            continue
-        selected = result.get("selection")  # selected/results.json: one run of "best of R" (modnets.selection)
-        ignored = tuple(k for k in IGNORED if not (selected and k == "trainer.replicates"))
-        config = {k: v for k, v in flatten(result.get("config", {})).items() if not k.startswith(ignored)}
-        key = json.dumps(config, sort_keys=True, default=str)
-        history = result.get("history") or []
-        curve = (np.array([h["epoch"] for h in history]), np.array([h.get("heldout_acc", np.nan) for h in history]))
-        seed = result.get("config", {}).get("seed")
-        runs.append(
-            {
-                "key": key,
-                "config": config,
-                "metrics": metrics_of(result),
-                "curve": curve,
-                "seed": seed,
-                "arch": arch_label(result.get("config", {})) + (f", best of {len(selected['among'])}" if selected else ""),
-                "path": str(path),
-            }
-        )
+        seen[run["id"]] = str(path)
+        runs.append(run)
     return runs, failures
+
+
+def read_run(path: Path):
+    """(run, None) for a sound completed run, else (None, (status, why))."""
+    result = json.loads(path.read_text())
+    bad = problem(result)
+    if bad:
+        return None, ("rejected", bad)
+    status = result.get("status", "unknown")
+    if status != "completed":
+        error = result.get("error") or result.get("message") or ""
+        return None, (status, str(error).splitlines()[0] if error else "")
+    selected = result.get("selection")  # selected/results.json: one run of "best of R" (modnets.selection)
+    ignored = tuple(k for k in IGNORED if not (selected and k == "trainer.replicates"))
+    config = {k: v for k, v in flatten(result.get("config", {})).items() if not k.startswith(ignored)}
+    history = result.get("history") or []
+    curve = (np.array([h["epoch"] for h in history]), np.array([h.get("heldout_acc", np.nan) for h in history], dtype=float))
+    metrics = metrics_of(result)
+    numbers = [*metrics.items(), *(("history", v) for h in history for v in h.values() if isinstance(v, float))]
+    nonfinite = sorted({k for k, v in numbers if not math.isfinite(v)})
+    if nonfinite:
+        return None, ("non-finite", f"NaN or inf in {', '.join(nonfinite)}")
+    seed = result.get("config", {}).get("seed")
+    run = {
+        "key": json.dumps(config, sort_keys=True, default=str),
+        "id": (result.get("config_hash"), seed),
+        "config": config,
+        "metrics": metrics,
+        "curve": curve,
+        "seed": seed,
+        "arch": arch_label(result.get("config", {})) + (f", best of {len(selected['among'])}" if selected else ""),
+        "path": str(path),
+    }
+    return run, None
 
 
 def t_quantile(n: int) -> float:
