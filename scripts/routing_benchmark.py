@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         lines.append(cost() + ".")
     text = "\n".join(lines) + "\n\n" + targets(table) + "\n" + text
     print(text)
-    if args.doc:
+    if args.doc and table:
         figure(table, FIGURE)
         write_doc(text + f"\n![held-out accuracy per method](discovery/{FIGURE.name})\n")
         print(f"wrote {DOC.relative_to(ROOT)} and {FIGURE.relative_to(ROOT)}")
