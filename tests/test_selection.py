@@ -159,3 +159,11 @@ def test_routing_benchmark_sweep_runs_and_is_tabulated(tmp_path):
     assert table[("[6, 2, 2]", 0.8, "mlp", False)]["exact"] is None  # no routing to recover
     text = routing_benchmark.markdown(table)
     assert "| modular soft, best of 2 | 2 |" in text and "| mlp | 4 |" in text
+
+
+def test_the_selected_run_is_one_more_wandb_run(cfg_in, tmp_path):
+    run(cfg_in("experiment=modular", "trainer.epochs=2", "trainer.replicates=2", "trainer.select=train_loss",
+               "logger.mode=offline"))
+    runs = list((tmp_path / "run").glob("seed_*/wandb/offline-run-*"))
+    selected = list((tmp_path / "run" / "selected" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len(selected) == 1  # the two seeds and the selection
