@@ -119,7 +119,7 @@ RULES = {
     "task.train_fraction": number(0, 1, low_open=True, what="a fraction"),
     "task.noise": number(0, what="a noise std"),
     "task.samples": optional(integer(3)),
-    "task.n_inputs": integer(1),
+    "task.n_inputs": optional(integer(1)),  # null for task=circuit with task.circuits
     "task.widths": optional(int_list(1, min_len=1)),
     "model.hidden": int_list(1),
     "model.num_modules": optional(int_list(1, min_len=1)),
@@ -203,7 +203,9 @@ def validate(cfg: DictConfig) -> None:
                 ok, allowed = kind
                 check(ok(value), key, value, allowed)
     trainer_keys = set()
-    for path in (Path(__file__).resolve().parent.parent / "conf" / "trainer").glob("*.yaml"):
+    from modnets import CONF_DIR
+
+    for path in (CONF_DIR / "trainer").glob("*.yaml"):
         trainer_keys |= set(OmegaConf.load(path).keys())
     for name in cfg.get("trainer", {}) if trainer_keys else ():
         if name not in trainer_keys:
@@ -308,7 +310,8 @@ def _one_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if isinstance(e, MissingConfigException) and e.options:
         name = (e.missing_cfg_file or "").strip("/")
-        return f"{name}: no such config; expected one of {', '.join(e.options)}"
+        extra = " (the joblib and submitit launchers come with pip install 'modnets[sweeps]')" if "launcher" in name else ""
+        return f"{name}: no such config; expected one of {', '.join(e.options)}{extra}"
     if isinstance(e, OverrideParseException):
         return f"{e.override}: not a valid override ({lines[0] if lines else e.message})"
     cause = e.__cause__
@@ -363,6 +366,8 @@ def check_model_memory(cfg, build_model, task, routing, replicates: int, device)
     except ConfigError:
         raise
     except Exception:  # the real build reports it
+        return
+    if not isinstance(probe, torch.nn.Module):  # the real build reports it (the model contract)
         return
     params = sum(p.numel() for p in probe.parameters())
     needed = replicates * (16 * params + 4 * sum(b.numel() for b in probe.buffers()))

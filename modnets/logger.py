@@ -29,9 +29,15 @@ def free_bytes(directory: str) -> int | None:
 
 
 class _NullRun:
-    id = None
+    id, live = None, False
 
     def log(self, metrics, step):
+        pass
+
+    def log_image(self, key, path, step):
+        pass
+
+    def log_table(self, key, columns, rows, step):
         pass
 
     def finish(self, summary=None):
@@ -39,11 +45,24 @@ class _NullRun:
 
 
 class _Run:
+    live = True
+
     def __init__(self, logger, run, directory):
         self.logger, self.run, self.id, self.directory = logger, run, run.id, directory
 
     def log(self, metrics, step):
         self.logger._guard(lambda: self.run.log(metrics, step=step))
+
+    def log_image(self, key: str, path, step: int) -> None:
+        """An image file (a copy is made: the file may change afterwards)."""
+        import wandb
+
+        self.logger._guard(lambda: self.run.log({key: wandb.Image(str(path))}, step=step))
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        import wandb
+
+        self.logger._guard(lambda: self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step))
 
     def finish(self, summary=None):
         if summary:
@@ -68,8 +87,10 @@ class WandbLogger:
         init_timeout=30.0,
         finish_timeout=60.0,
         max_points=250,
+        pictures=True,
     ):
         self.max_points = int(max_points)  # W&B charts sample long histories anyway; results.json keeps them all
+        self.pictures = bool(pictures)  # circuit.png and W&B images of modular runs (false: matplotlib is never imported)
         self.mode, self.project, self.entity = mode, project, entity
         self.group, self.tags, self.job_type = group, list(tags or []), job_type
         self.init_timeout, self.finish_timeout = init_timeout, finish_timeout

@@ -1,4 +1,4 @@
-"""Dense and hierarchically modular networks (SPEC §3), every parameter stacked over replicates.
+"""Dense and hierarchically modular networks (spec §3), every parameter stacked over replicates.
 
 All models map inputs [R, B, ...] and task ids [R, B] to output logits [R, B, n_outputs]:
 R replicates (independent networks, one seed each) run as one batched model, and the

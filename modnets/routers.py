@@ -111,7 +111,7 @@ class InputRouter(nn.Module):
 
 
 class TopKRouter(InputRouter):
-    """The original router (SPEC §3): hard top-k in value; in training, gradients through the
+    """The original router (spec §3): hard top-k in value; in training, gradients through the
     straight-through estimator `hard - s.detach() + s` with s = sigmoid(logits / tau); with
     `noisy`, Gumbel noise is added to the logits first. Fixed (known) routers: hard only."""
 
@@ -476,7 +476,7 @@ def noise_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def known_input_logits(shape, choices: list[list[list[int]]]) -> torch.Tensor:
-    """Logits [T, width, consumers] that select `choices[t][consumer]` in order (SPEC §3):
+    """Logits [T, width, consumers] that select `choices[t][consumer]` in order (spec §3):
     1.1 at the first true input, then 1.0 (k = 2) or 1.1 - j/1000 (any k), 0 elsewhere."""
     logits = torch.zeros(shape)
     for t, per_task in enumerate(choices):

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import modnets
-from modnets import checkpoint, recovery, routers, selection
+from modnets import checkpoint, draw, recovery, routers, selection
 from modnets.checkpoint import NAME as CHECKPOINT
 from modnets.checkpoint import Checkpointer
 from modnets.config import (
@@ -36,10 +36,12 @@ from modnets.config import (
     sanity_warnings,
     validate,
 )
+from modnets.contracts import Model
 from modnets.models import count_flops, count_parameters, parameter_groups
 from modnets.results import (
     FolderBusy,
     RunError,
+    arch_label,
     best_entry,
     clear_failure,
     config_hash,
@@ -55,9 +57,9 @@ from modnets.results import (
     warn,
     write_json,
 )
+from modnets.tasks import Task
 
 METRICS = ("loss", "acc", "exact")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_device(name: str) -> torch.device:
@@ -295,10 +297,14 @@ def build(cfg: DictConfig):
         check_memory(f"a task of {rows:,} rows", key, value, needed, device)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     task = instantiate(cfg.task, _partial_=True)()
+    allowed = "a callable returning a modnets.tasks.Task (docs/extending.md)"
+    check(isinstance(task, Task), "task._target_", cfg.task._target_, allowed)
     routing = instantiate(cfg.router, _partial_=True)()
     build_model = instantiate(cfg.model, _partial_=True)
     check_model_memory(cfg, build_model, task, routing, len(seeds), device)
     model = build_model(task=task, routing=routing, generators=generators)
+    allowed = "a callable returning an nn.Module with forward(x, task_id, noise) and routing_summary() (docs/extending.md)"
+    check(isinstance(model, torch.nn.Module) and isinstance(model, Model), "model._target_", cfg.model._target_, allowed)
     model.to(device)
     task.to(device)
     optimizer = instantiate(cfg.optimizer)(parameter_groups(model, routing, float(cfg.optimizer.lr)))
@@ -322,17 +328,22 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
     tags = [task.name, type(model).__name__.lower(), *(["sweep"] if in_sweep() else [])]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(configs, seeds, dirs)]
-    return SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, wandb=(logger, name, group))
+    shown = [c | {"arch": arch_label(c), "task_name": task.name} for c in configs]  # W&B only: keys to group runs by
+    runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(shown, seeds, dirs)]
+    logs = SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, group=logger.group or group)
+    logs.wandb = (logger, name, logs.group)  # the selected run's W&B run (modnets.selection)
+    logs.pictures = draw.Pictures(logger.pictures, model, task, logs)
+    return logs
 
 
 class Recorder:
     """What happens at each evaluation: every replicate's history and W&B metrics, structure
-    recovery about ten times per run, and a progress line about every tenth of training."""
+    recovery about ten times per run (and the circuit picture at every other one of them), and a
+    progress line about every tenth of training."""
 
     def __init__(self, cfg: DictConfig, b: SimpleNamespace, evaluator: Evaluator, logs: SimpleNamespace):
         tr = cfg.trainer
-        self.model, self.task, self.evaluator, self.runs = b.model, b.task, evaluator, logs.runs
+        self.model, self.task, self.evaluator, self.runs, self.pictures = b.model, b.task, evaluator, logs.runs, logs.pictures
         self.epochs, self.progress = int(tr.epochs), bool(tr.progress)
         n_evals = int(tr.epochs) // int(tr.eval_every)
         self.every = max(1, n_evals // 10) * int(tr.eval_every)
@@ -340,10 +351,11 @@ class Recorder:
         self.histories = [[] for _ in b.seeds]
         self.recovery_init = recovery.measure(b.model, b.task)  # the untrained model, a baseline
         self.recovery_history = [[] for _ in b.seeds] if self.recovery_init is not None else None
+        self.epoch = 0
 
     def __call__(self, epoch: int, metrics: torch.Tensor) -> None:
         rows = self.evaluator.as_dicts(metrics)
-        last = epoch == self.epochs
+        last, self.epoch = epoch == self.epochs, epoch
         for history, wandb_run, row in zip(self.histories, self.runs, rows):
             history.append({"epoch": epoch, **row})
             if epoch % self.log_every == 0 or last:
@@ -352,6 +364,8 @@ class Recorder:
             for h, wandb_run, rec in zip(self.recovery_history, self.runs, recovery.measure(self.model, self.task)):
                 h.append({"epoch": epoch, **rec})
                 wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
+        if epoch % (2 * self.every) == 0 and not last:  # every other recovery checkpoint; the last one with the results
+            self.pictures.checkpoint(self.model, self.task, epoch)
         if self.progress and (epoch % self.every == 0 or last):
             print(progress_line(epoch, self.epochs, rows), flush=True)
 
@@ -372,7 +386,10 @@ def write_results(
     params = count_parameters(model, len(seeds))
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
+    modules = draw.modules_json(model, task.circuits) or [None] * len(seeds)
+    circuits = [draw.circuit_json(c) for c in task.circuits] if task.circuits else None
     recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recorder.recovery_init)
+    majority = majority_baseline(task)
     gaps = recorder.evaluator.discretisation_gap(model, len(seeds))  # soft router methods only
     if recoveries is not None and gaps is not None:
         recoveries = [r | g for r, g in zip(recoveries, gaps)]
@@ -395,7 +412,10 @@ def write_results(
             "params": params,
             "flops": flops,
             "routing": routings[r],
+            "circuits": circuits,
+            "modules": modules[r],
             "recovery": recoveries and {**recoveries[r], "history": recorder.recovery_history[r]},
+            "majority": majority,
             "config_hash": config_hash(logs.configs[r]),
             "train_time_s": times["train"],
             "wall_time_s": time.time() - times["start"],
@@ -403,6 +423,7 @@ def write_results(
             "modnets_version": modnets.__version__,
             "git_commit": commit,
             "wandb_id": wandb_run.id,
+            "wandb_group": logs.group if wandb_run.id else None,  # the W&B group it logged to (aggregate.py --wandb)
         }
         try:
             result = write_json(d / "results.json", result)
@@ -410,12 +431,46 @@ def write_results(
             for later in logs.runs[r:]:
                 later.finish()
             raise RunError(f"could not write {d / 'results.json'}: {e.strerror or one_line(e)}; {kept(cfg)}") from None
+        logs.pictures.finish(result, d, wandb_run, step=max(recorder.epoch, 1))
         summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
         wandb_run.finish(summary)
         results.append(result)
     return results
+
+
+def majority_baseline(task) -> dict[str, float]:
+    """Per split, the bit accuracy of always answering each output's most frequent training value
+    (ties: 0): what a model that learned nothing but the output rates scores."""
+    guess = (task.y[task.splits["train"]].mean(0) > 0.5).float()
+    return {f"{name}_acc": float((task.y[rows] == guess).float().mean()) for name, rows in task.splits.items()}
+
+
+def run_label(cfg: DictConfig) -> str:
+    """What a run is, for its summary line: a sweep job's overrides, else the config group choices."""
+    if not HydraConfig.initialized():
+        return "run"
+    hc = HydraConfig.get()
+    if in_sweep() and hc.job.override_dirname:
+        return hc.job.override_dirname
+    choices = hc.runtime.choices
+    groups = ("experiment", "arch", "task", "model", "router")
+    return " ".join(f"{g}={choices[g]}" for g in groups if choices.get(g) not in (None, "null"))
+
+
+def summary_line(results: list[dict], label: str, out: str) -> str:
+    """One line at the end of a run: held-out accuracy over its seeds against the majority answer."""
+    done = [r for r in results if r.get("final")]
+    if not done:
+        return f"modnets: {label}: no finished evaluation (see {out})"
+    acc = torch.tensor([r["final"]["heldout_acc"] for r in done], dtype=torch.float64)
+    exact = sum(r["final"]["heldout_exact"] for r in done) / len(done)
+    spread = f" ± {acc.std().item():.3f}" if len(done) > 1 else ""
+    seeds = f"{len(done)} seeds" if len(done) > 1 else f"seed {done[0]['config']['seed']}"
+    line = f"modnets: {label}: held-out accuracy {acc.mean().item():.3f}{spread} (all bits right {exact:.3f}), {seeds}"
+    majority = done[0].get("majority", {}).get("heldout_acc")
+    return line + (f"; majority answer {majority:.3f}" if majority is not None else "") + f"  -> {out}"
 
 
 def kept(cfg: DictConfig) -> str:
@@ -485,12 +540,15 @@ def failed(cfg: DictConfig, e: Exception) -> None:
 
 
 @one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError
-@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(modnets.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except Exception as e:
         return failed(cfg, e)
+    out = Path(cfg.output_dir)
+    out = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
+    print(summary_line(results, run_label(cfg), str(out)), flush=True)
     finals = [r["final"]["heldout_acc"] for r in results if r.get("final")]  # diverged runs may have none
     return sum(finals) / len(finals) if finals else float("nan")
 

@@ -1,8 +1,8 @@
-"""Models for image tasks (SPEC §5): a CNN baseline and modular nets whose first layer are image modules.
+"""Models for image tasks (spec §5): a CNN baseline and modular nets whose first layer are image modules.
 
 Inputs are images x [R, B, images, H, W]. The flat MLP baseline is `models.MLP` (it flattens
 its input). `CNN` reads the images as channels. `ImageModularNet` is the `[2, 2, 3, 2, 2]`
-network of SPEC §5: each image module (an MLP or a small CNN) reads ONE image, chosen by a
+network of spec §5: each image module (an MLP or a small CNN) reads ONE image, chosen by a
 top-1 input router, and emits a 3-value code; the codes of all modules, concatenated, feed a
 `models.ModularNet` (the Boolean circuit layers). With `shared=True` the image modules and the
 circuit modules each come from their own library, slots choosing modules by location routers.
@@ -60,7 +60,7 @@ class ConvBank(nn.Module):
 
 
 class CNN(nn.Module):
-    """CNN baseline (SPEC §5): the images of a row as channels, conv + pool layers, an MLP head."""
+    """CNN baseline (spec §5): the images of a row as channels, conv + pool layers, an MLP head."""
 
     def __init__(self, task, routing: Router | None, generators, channels=(16, 32), hidden=(128,)):
         super().__init__()

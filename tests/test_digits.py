@@ -5,8 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
-from test_train import cli
+from conftest import cli, make_cfg
 
 from modnets.config import ConfigError
 from modnets.digits import MNIST_FILES, DigitPairTask, pair_labels, read_idx
@@ -120,7 +119,7 @@ def test_presets_compose_for_digits_and_mnist(preset):
 
 def test_known_routing_generalises_to_unseen_pairs(cfg_in):
     """Shared image module and shared gates, routing known: >= 95% bit accuracy on unseen pairs for
-    seed 1 (not for every seed: README "Digit-image task" gives the mean and spread over seeds)."""
+    seed 1 (not for every seed: docs/digits.md gives the mean and spread over seeds)."""
     result = run(cfg_in("experiment=digits_shared_known", "seed=1", "trainer.epochs=30", "trainer.eval_every=30"))[0]
     assert result["final"]["test_unseen_acc"] >= 0.95
     assert result["final"]["test_seen_acc"] >= 0.95

@@ -19,7 +19,7 @@ def gens(*seeds):
 
 
 def spec_tables():
-    """SPEC §1 multi-task set, written out by hand."""
+    """spec §1 multi-task set, written out by hand."""
     x = np.array(list(itertools.product([0, 1], repeat=6)))
     XOR, OR, AND = np.bitwise_xor, np.bitwise_or, np.bitwise_and
     f = [XOR(x[:, 0], x[:, 1]), XOR(x[:, 2], x[:, 3]), XOR(x[:, 4], x[:, 5])]
@@ -189,14 +189,13 @@ def test_two_task_preset_runs_with_per_task_metrics(cfg_in):
 
 
 def test_module_input_size_preset_sweeps_k(tmp_path):
-    from test_train import cli
+    from conftest import cli
 
     proc = cli(
         "-m",
         "experiment=module_input_size",
         "trainer.epochs=1",
-        "trainer.threads=1",
-        "logger.mode=disabled",
+        "debug=quiet",
         f"hydra.sweep.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr
