@@ -91,18 +91,24 @@ def selected_result(cfg: DictConfig, results: list[dict], members: list[int]) ->
     }
 
 
+def selected_paths(cfg: DictConfig) -> list[Path]:
+    """Where `write_selected` writes: one results file per population (none for select=none)."""
+    if str(cfg.trainer.get("select", "none")) == "none":
+        return []
+    groups, out = populations(cfg), Path(cfg.output_dir) / "selected"
+    return [(out if len(groups) == 1 else out / f"seed_{int(cfg.seed) + m[0]}") / "results.json" for m in groups]
+
+
 def write_selected(cfg: DictConfig, results: list[dict], wandb=None) -> list[dict]:
     """Write each population's selected run: `selected/results.json` in the run folder, or
     `selected/seed_<base seed>/results.json` for several populations; with `wandb` = (logger,
     run name, group), also one W&B run each."""
     if str(cfg.trainer.get("select", "none")) == "none":
         return []
-    groups = populations(cfg)
     written = []
-    for members in groups:
+    for members, path in zip(populations(cfg), selected_paths(cfg)):
         result = selected_result(cfg, results, members)
-        out = Path(cfg.output_dir) / "selected"
-        out = out if len(groups) == 1 else out / f"seed_{int(cfg.seed) + members[0]}"
+        out = path.parent
         if result is None:
             print(f"modnets: warning: no replicate of {out} completed, nothing selected", file=sys.stderr, flush=True)
             continue

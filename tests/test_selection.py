@@ -167,3 +167,16 @@ def test_the_selected_run_is_one_more_wandb_run(cfg_in, tmp_path):
     runs = list((tmp_path / "run").glob("seed_*/wandb/offline-run-*"))
     selected = list((tmp_path / "run" / "selected" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len(selected) == 1  # the two seeds and the selection
+
+
+def test_a_finished_sweep_relaunched_with_select_selects_without_training(tmp_path):
+    from test_train import cli
+
+    args = ["-m", "seed=1", "experiment=modular", "trainer.epochs=2", "trainer.replicates=2", "logger.mode=disabled",
+            "trainer.progress=false", f"hydra.sweep.dir={tmp_path}"]
+    assert cli(*args).returncode == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("seed_*/results.json")}
+    proc = cli(*args, "trainer.select=train_loss")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "modnets: skipped" in proc.stdout and len(list(tmp_path.rglob("selected/results.json"))) == 1
+    assert {p: p.read_bytes() for p in tmp_path.rglob("seed_*/results.json")} == before
