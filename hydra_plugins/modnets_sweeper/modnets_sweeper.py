@@ -20,6 +20,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict, read_write
 
+from modnets.progress import note_skipped
+
 
 def job_config(loader, master: DictConfig, overrides: Sequence[str], num: int) -> DictConfig:
     """The config job `num` of a sweep will run with, its output folder resolved as run_job does."""
@@ -61,6 +63,7 @@ def unfinished(loader, master: DictConfig, job_overrides, initial_job_idx: int) 
         HydraConfig.instance().cfg = saved
     skipped = len(job_overrides) - len(kept)
     if skipped:
+        note_skipped(skipped)
         print(f"modnets: {skipped} of {len(job_overrides)} jobs already finished (same config, completed): not launched",
               flush=True)
         return [o + ([f"hydra.sweep.subdir={quote(subdir)}"] if subdir is not None else []) for o, subdir in kept]
