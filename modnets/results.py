@@ -184,11 +184,14 @@ def clear_failure(out: Path, replicates: int) -> None:
 
 
 def replicate_config(cfg: DictConfig, r: int) -> dict:
-    """The resolved config of replicate r: exactly the config of a single run with seed + r."""
+    """The resolved config of replicate r: exactly the config of a single run with seed + r
+    (`trainer.select` none: selected runs are written apart, modnets.selection)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved = copy.deepcopy(resolved)
     resolved["seed"] = int(cfg.seed) + r
     resolved["trainer"]["replicates"] = 1
+    if "select" in resolved["trainer"]:  # one replicate: nothing to select among
+        resolved["trainer"] |= {"select": "none", "population": None}
     return resolved
 
 

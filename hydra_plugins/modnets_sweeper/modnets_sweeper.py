@@ -1,7 +1,8 @@
 """Hydra's basic sweeper, minus the jobs that already finished: `hydra/sweeper=modnets` (the default).
 
 Before a batch of jobs goes to the launcher (basic, joblib, submitit or any other), every job whose
-replicates all have a final `results.json` of the same config (modnets.results.finished_results) is
+replicates all have a final `results.json` of the same config (modnets.results.finished_results), and
+with `trainer.select` its `selected/` files (modnets.selection.selected_paths), is
 dropped, and the count is printed: a relaunched sweep submits only what is missing, so a cluster
 spends no queue slot on a finished job. The jobs that remain keep their folders: when something was
 dropped, each remaining job gets `hydra.sweep.subdir` pinned to the folder it would have had.
@@ -39,6 +40,7 @@ def quote(value: str) -> str:
 def unfinished(loader, master: DictConfig, job_overrides, initial_job_idx: int) -> list[list[str]]:
     """The jobs of this batch without finished results; their subdir pinned when any was dropped."""
     from modnets.results import finished_results  # here: Hydra imports every plugin at start
+    from modnets.selection import selected_paths  # a missing selection: the job runs, selects, trains nothing
 
     if next(Path(str(master.hydra.sweep.dir)).rglob("results.json"), None) is None:
         return [list(o) for o in job_overrides]  # a new sweep folder: nothing can be finished
@@ -51,7 +53,7 @@ def unfinished(loader, master: DictConfig, job_overrides, initial_job_idx: int) 
                 task_cfg = copy.deepcopy(cfg)
                 with read_write(task_cfg), open_dict(task_cfg):
                     del task_cfg["hydra"]  # the job's config, as run_job hands it to the task
-                done = finished_results(task_cfg) is not None
+                done = finished_results(task_cfg) is not None and all(p.exists() for p in selected_paths(task_cfg))
             except Exception:  # a config that does not compose: the job itself reports it
                 kept.append((list(overrides), None))
                 continue
