@@ -27,6 +27,7 @@ from modnets import recovery, routers
 from modnets.checkpoint import Checkpointer
 from modnets.config import ConfigError, check, check_memory, check_model_memory, data_estimate, one_line_errors, validate
 from modnets.models import count_flops, count_parameters, parameter_groups
+from modnets.optim import ExponentialLR
 from modnets.results import (
     best_entry,
     config_hash,
@@ -224,7 +225,7 @@ def build(cfg: DictConfig):
     model.to(device)
     task.to(device)
     optimizer = instantiate(cfg.optimizer)(parameter_groups(model, routing, float(cfg.optimizer.lr)))
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(tr.lr_gamma))
+    scheduler = ExponentialLR(optimizer, gamma=float(tr.lr_gamma))  # torch's, without importing torch._dynamo
     return SimpleNamespace(
         task=task, routing=routing, model=model, optimizer=optimizer, scheduler=scheduler,
         generators=generators, seeds=seeds, device=device,
