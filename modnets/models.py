@@ -13,6 +13,8 @@ import math
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from modnets.circuits import Circuit, joint_library
 from modnets.config import ConfigError, check
@@ -262,23 +264,46 @@ def count_parameters(model: nn.Module, replicates: int) -> dict[str, int]:
     }
 
 
+class FlopCount(TorchDispatchMode):
+    """torch's FlopCounterMode total (its per-op formulas, its decompositions) without its module
+    tracking, which imports torch's compiler stack (seconds) on first use."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:  # nothing here is compiled: do not wrap (and import) torch._dynamo
+        return False
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in flop_registry and func is not torch.ops.prim.device.default:
+            with self:
+                out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+        out = func(*args, **kwargs)
+        if func._overloadpacket in flop_registry:
+            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
 def count_flops(model: nn.Module, task, replicates: int, samples: int, batch: int = 64) -> dict[str, float]:
     """Training FLOPs of one replicate, as implemented: the matmul/conv FLOPs that torch's
     FlopCounterMode sees in one forward and one backward pass on up to `batch` training rows,
     per sample, times `samples` (the training samples seen: epochs x training rows).
     Elementwise ops and evaluation passes are not counted. Leaves no gradients behind."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     rows = task.splits["train"][:batch]
     x, tid = task.x[rows], task.task_id[rows]
     n = replicates * len(rows)
-    with FlopCounterMode(display=False) as forward:
+    with FlopCount() as forward:
         out = model(x.expand(replicates, *x.shape), tid.expand(replicates, -1))
-    with FlopCounterMode(display=False) as backward:
+    with FlopCount() as backward:
         if out.requires_grad:
             out.sum().backward()
     model.zero_grad(set_to_none=True)
-    f, b = forward.get_total_flops() / n, backward.get_total_flops() / n
+    f, b = forward.total / n, backward.total / n
     return {"forward_per_sample": f, "train_per_sample": f + b, "train": (f + b) * samples}
 
 

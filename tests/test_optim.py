@@ -69,3 +69,18 @@ def test_adam_checkpoint_round_trip_continues_exactly(cfg_in):
             p.grad.fill_(0.5)
         o.step()
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+@pytest.mark.parametrize("experiment", ["modular", "shared", "mlp"])
+def test_flop_count_is_torch_flop_counter_total(cfg_in, experiment):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modnets.models import FlopCount
+
+    b = build(cfg_in(f"experiment={experiment}", "trainer.replicates=2"))
+    x, tid = b.task.x[:16].expand(2, -1, -1), b.task.task_id[:16].expand(2, -1)
+    with FlopCounterMode(display=False) as ref:
+        b.model(x, tid).sum().backward()
+    with FlopCount() as ours:
+        b.model(x, tid).sum().backward()
+    assert ours.total == ref.get_total_flops() > 0
