@@ -71,7 +71,8 @@ class Adam:
 
     def state_dict(self) -> dict:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        return {"steps": self.steps, "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(), "param_groups": groups}
+        moments = {"exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone()}
+        return {"steps": self.steps, **moments, "param_groups": groups}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state["steps"])

@@ -246,7 +246,7 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(configs, seeds, dirs)]
-    return SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points)
+    return SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, logger=logger)
 
 
 class Recorder:
@@ -298,7 +298,7 @@ def write_results(
     recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recorder.recovery_init)
     commit = git_commit()
     results = []
-    for r, (d, history, wandb_run) in enumerate(zip(logs.dirs, recorder.histories, logs.runs)):
+    for r, (history, wandb_run) in enumerate(zip(recorder.histories, logs.runs)):
         if r in diverged:  # keep the evaluations before the epoch whose training loss was NaN or inf
             history[:] = [h for h in history if h["epoch"] < diverged[r]]
         best = best_entry(history) if history else None
@@ -322,12 +322,16 @@ def write_results(
             "git_commit": commit,
             "wandb_id": wandb_run.id,
         }
-        write_json(d / "results.json", result)
         summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
         wandb_run.finish(summary)
         results.append(result)
+    started = logs.logger.close() if hasattr(logs.logger, "close") else None  # wait for W&B: every run finished
+    for d, result in zip(logs.dirs, results):
+        if started is not None and result["wandb_id"] not in started:
+            result["wandb_id"] = None  # W&B could not start this run
+        write_json(d / "results.json", result)
     return results
 
 
