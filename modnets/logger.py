@@ -113,7 +113,7 @@ class WandbLogger:
             self._warn(f"only {free} bytes free for W&B files in {directory}; W&B logging is off for this run")
             self.mode = "disabled"
             return _NullRun()
-        if self._worker is None and not self._launch():
+        if self._worker is None and not self.launch():
             return _NullRun()
         run_id = "".join(secrets.choice(ID_CHARS) for _ in range(8))
         kwargs = {
@@ -126,8 +126,11 @@ class WandbLogger:
         self._send({"op": "init", "run": run.index, "kwargs": kwargs, "timeouts": self._timeouts})
         return run
 
-    def _launch(self) -> bool:
-        """Start the worker process and the thread that feeds it (so that logging never waits)."""
+    def launch(self) -> bool:
+        """Start the worker process (it imports wandb at once) and the thread that feeds it, so
+        that logging never waits; `start` does it when not done before. False when W&B is off."""
+        if self.mode == "disabled" or self._worker is not None:
+            return self._worker is not None
         try:
             self._worker = subprocess.Popen(
                 [sys.executable, "-m", "modnets.logger"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

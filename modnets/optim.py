@@ -2,16 +2,14 @@
 
 Why not `torch.optim.Adam`: its first `add_param_group` and every `step` import the
 compiler stack (`torch._dynamo`, about a second of start-up), and a step walks the
-parameter groups in Python (a quarter of a training step of these small networks).
-Here every trainable parameter is a view into one flat tensor and every gradient a
-view into another, so an Adam step is a dozen tensor ops whatever the number of
-parameters or replicates, and nothing in a step waits for the device.
-
-The math is torch's Adam (L2 weight decay added to the gradient, bias-corrected
-moments, `eps` outside the square root) in the operation order of torch's fused CPU
-kernel, in float32: `tests/test_optim.py` holds it to `torch.optim.Adam` within float
-rounding. The optimizer contract: `param_groups` (dicts with `params` and `lr`, read at
-every step), `zero_grad()`, `step()`, `state_dict()` and `load_state_dict()`.
+parameter groups and their state in Python. Here every trainable parameter, gradient and
+moment is a view into one flat tensor each; a step is one call of torch's fused Adam
+kernel (`torch._fused_adam_`, the kernel `torch.optim.Adam(fused=True)` calls) per
+parameter group, with the same tensors, so the numbers are bit for bit those of
+`torch.optim.Adam(fused=True)` (tests/test_optim.py). Where that kernel is missing (another
+device, an old torch), the same math runs as a few tensor ops on the flat buffers, equal
+up to float rounding. The optimizer contract: `param_groups` (dicts with `params` and
+`lr`, read at every step), `zero_grad()`, `step()`, `state_dict()`, `load_state_dict()`.
 """
 
 from __future__ import annotations
@@ -41,13 +39,15 @@ class Adam:
         first = self.params[0]
         if any(p.dtype != first.dtype or p.device != first.device for p in self.params):
             raise ValueError("modnets.optim.Adam needs every parameter in one dtype on one device")
+        views = lambda flat: [v.view_as(p) for p, v in zip(self.params, flat.split(sizes))]  # noqa: E731
         self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
-        self.grad = torch.zeros_like(self.flat)
-        for p, view in zip(self.params, self.flat.split(sizes)):
-            p.data = view.view_as(p)  # the parameter now lives in the flat buffer (same values)
-        self.grads = [g.view_as(p) for p, g in zip(self.params, self.grad.split(sizes))]
-        self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.flat), torch.zeros_like(self.flat)
+        for p, view in zip(self.params, views(self.flat)):
+            p.data = view  # the parameter now lives in the flat buffer (same values)
+        self.grad, self.exp_avg, self.exp_avg_sq = (torch.zeros_like(self.flat) for _ in range(3))
+        self.grads, self.moments = views(self.grad), (views(self.exp_avg), views(self.exp_avg_sq))
         self.steps = 0
+        self.step_t = torch.zeros((), dtype=torch.float32, device=first.device)  # the fused kernel reads the step here
+        self.fused = hasattr(torch, "_fused_adam_") and first.device.type in ("cpu", "cuda") and first.dtype == torch.float32
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradient; backward then accumulates into its views (`set_to_none` is moot)."""
@@ -59,15 +59,31 @@ class Adam:
     @torch.no_grad()
     def step(self) -> None:
         self.steps += 1
+        self.step_t += 1
+        first = 0
         for group, (a, b) in zip(self.param_groups, self.spans):
             beta1, beta2 = group["betas"]
-            p, g, m, v = self.flat[a:b], self.grad[a:b], self.exp_avg[a:b], self.exp_avg_sq[a:b]
-            if group["weight_decay"]:
-                g = g + p * group["weight_decay"]
-            m.mul_(beta1).add_(g * (1 - beta1))
-            v.mul_(beta2).add_(g * g * (1 - beta2))
-            denom = v.sqrt().div_(math.sqrt(1 - beta2**self.steps)).add_(group["eps"])
-            p.sub_(m * (group["lr"] / (1 - beta1**self.steps)) / denom)
+            n = len(group["params"])
+            if self.fused:
+                part = slice(first, first + n)
+                torch._fused_adam_(
+                    self.params[part], self.grads[part], self.moments[0][part], self.moments[1][part], [],
+                    [self.step_t] * n, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
+                    weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                )
+            else:
+                self._step_ops(group, self.flat[a:b], self.grad[a:b], self.exp_avg[a:b], self.exp_avg_sq[a:b])
+            first += n
+
+    def _step_ops(self, group: dict, p, g, m, v) -> None:
+        """The fused kernel's math as tensor ops (its operation order, float32)."""
+        beta1, beta2 = group["betas"]
+        if group["weight_decay"]:
+            g = g + p * group["weight_decay"]
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = v.sqrt().div_(math.sqrt(1 - beta2**self.steps)).add_(group["eps"])
+        p.sub_(m * (group["lr"] / (1 - beta1**self.steps)) / denom)
 
     def state_dict(self) -> dict:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
@@ -76,6 +92,7 @@ class Adam:
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state["steps"])
+        self.step_t.fill_(self.steps)
         self.exp_avg.copy_(state["exp_avg"])
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
         for group, saved in zip(self.param_groups, state["param_groups"], strict=True):

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -91,12 +92,13 @@ class Evaluator:
         model.train()
         return torch.einsum("rnm,sn->rsm", torch.cat(per_row, 1), self.membership) / self.counts
 
+    @property
+    def keys(self) -> list[str]:
+        """The metric names in the order of metrics[r].flatten(): split_metric."""
+        return [f"{split}_{m}" for split in self.names for m in METRICS]
+
     def as_dicts(self, metrics: torch.Tensor) -> list[dict[str, float]]:
-        values = metrics.cpu().tolist()
-        return [
-            {f"{split}_{m}": v[s][j] for s, split in enumerate(self.names) for j, m in enumerate(METRICS)}
-            for v in values
-        ]
+        return [dict(zip(self.keys, chain.from_iterable(v))) for v in metrics.cpu().tolist()]
 
 
 def draw_epoch(generators, n_train, x_shape, noise_std, noise_shapes, steps, per_sample, device):
@@ -232,12 +234,11 @@ def build(cfg: DictConfig):
     )
 
 
-def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
+def open_runs(cfg: DictConfig, b: SimpleNamespace, logger) -> SimpleNamespace:
     """The output folder of each replicate, its resolved config and its W&B run (one per replicate)."""
     task, model, seeds = b.task, b.model, b.seeds
     out = Path(cfg.output_dir)
     dirs = output_dirs(out, seeds)
-    logger = instantiate(cfg.logger)
     group = f"{out.parent.name}/{out.name}" if len(seeds) > 1 else None
     group = str(HydraConfig.get().sweep.dir) if in_sweep() else group  # the runs of one sweep share a group
     configs = [replicate_config(cfg, r) for r in range(len(seeds))]
@@ -251,32 +252,52 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
 
 class Recorder:
     """What happens at each evaluation: every replicate's history and W&B metrics, structure
-    recovery about ten times per run, and a progress line about every tenth of training."""
+    recovery about ten times per run, and a progress line about every tenth of training.
+
+    The metrics stay on the device until something needs them on the host (a W&B point, a
+    progress line); `histories` are built once, after training, from all evaluations at once."""
 
     def __init__(self, cfg: DictConfig, b: SimpleNamespace, evaluator: Evaluator, logs: SimpleNamespace):
         tr = cfg.trainer
         self.model, self.task, self.evaluator, self.runs = b.model, b.task, evaluator, logs.runs
         self.epochs, self.progress = int(tr.epochs), bool(tr.progress)
+        self.logging = any(run.id is not None for run in logs.runs)  # W&B is on
         n_evals = int(tr.epochs) // int(tr.eval_every)
         self.every = max(1, n_evals // 10) * int(tr.eval_every)
         self.log_every = max(1, math.ceil(n_evals / max(1, logs.max_points))) * int(tr.eval_every)
-        self.histories = [[] for _ in b.seeds]
+        self.evals: list[tuple[int, torch.Tensor]] = []  # (epoch, metrics [R, splits, 3] on the device)
+        self._histories = None
         self.recovery_init = recovery.measure(b.model, b.task)  # the untrained model, a baseline
         self.recovery_history = [[] for _ in b.seeds] if self.recovery_init is not None else None
 
     def __call__(self, epoch: int, metrics: torch.Tensor) -> None:
-        rows = self.evaluator.as_dicts(metrics)
+        self.evals.append((epoch, metrics))
         last = epoch == self.epochs
-        for history, wandb_run, row in zip(self.histories, self.runs, rows):
-            history.append({"epoch": epoch, **row})
-            if epoch % self.log_every == 0 or last:
-                wandb_run.log({"epoch": epoch, **row}, step=epoch)
+        log = self.logging and (epoch % self.log_every == 0 or last)
+        show = self.progress and (epoch % self.every == 0 or last)
+        rows = self.evaluator.as_dicts(metrics) if log or show else None
+        for wandb_run, row in zip(self.runs, rows if log else ()):
+            wandb_run.log({"epoch": epoch, **row}, step=epoch)
         if self.recovery_history is not None and (epoch % self.every == 0 or last):
             for h, wandb_run, rec in zip(self.recovery_history, self.runs, recovery.measure(self.model, self.task)):
                 h.append({"epoch": epoch, **rec})
                 wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
-        if self.progress and (epoch % self.every == 0 or last):
+        if show:
             print(progress_line(epoch, self.epochs, rows), flush=True)
+
+    @property
+    def histories(self) -> list[list[dict]]:
+        """Per replicate, one {"epoch", split_metric: value} row per evaluation (built on first use)."""
+        if self._histories is None:
+            self._histories = [[] for _ in self.runs]
+            if self.evals:
+                epochs = [e for e, _ in self.evals]
+                values = torch.stack([m for _, m in self.evals]).cpu().tolist()  # [evals, R, splits, 3]: one transfer
+                keys = ("epoch", *self.evaluator.keys)
+                for e, per_replicate in zip(epochs, values):
+                    for history, v in zip(self._histories, per_replicate):
+                        history.append(dict(zip(keys, (e, *chain.from_iterable(v)))))
+        return self._histories
 
 
 def progress_line(epoch: int, epochs: int, rows: list[dict]) -> str:
@@ -315,7 +336,7 @@ def write_results(
             "routing": routings[r],
             "recovery": recoveries and {**recoveries[r], "history": recorder.recovery_history[r]},
             "config_hash": config_hash(logs.configs[r]),
-            "train_time_s": times["train"],
+            "train_time_s": times["train"] - times["open_runs"],
             "wall_time_s": time.time() - times["start"],
             "device": str(b.device),
             "modnets_version": modnets.__version__,
@@ -327,12 +348,21 @@ def write_results(
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
         wandb_run.finish(summary)
         results.append(result)
+    times["results"] = time.time()
     started = logs.logger.close() if hasattr(logs.logger, "close") else None  # wait for W&B: every run finished
+    times["wandb_wait"] = time.time()
     for d, result in zip(logs.dirs, results):
         if started is not None and result["wandb_id"] not in started:
             result["wandb_id"] = None  # W&B could not start this run
+        result["timings_s"] = phases(times)
         write_json(d / "results.json", result)
     return results
+
+
+def phases(times: dict) -> dict[str, float]:
+    """Seconds of each phase of run() so far, from the time stamps taken at the end of each."""
+    names, stamps = list(times), list(times.values())
+    return {name: round(b - a, 4) for name, a, b in zip(names[1:], stamps, stamps[1:])}
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -343,17 +373,31 @@ def run(cfg: DictConfig) -> list[dict]:
     if done is not None:  # a relaunched sweep: this job already ran with exactly this config
         print(f"modnets: skipped, {cfg.output_dir} holds finished results of this config", flush=True)
         return done
+    logger = instantiate(cfg.logger)
+    if hasattr(logger, "launch"):
+        logger.launch()  # W&B imports itself in its own process while this one builds and trains
+    times = {"start": start, "wandb_launch": time.time()}
+    try:
+        return build_train_write(cfg, logger, times)
+    finally:
+        if hasattr(logger, "close"):
+            logger.close()  # after an error too: the W&B worker finishes its runs and exits (a no-op when done)
+
+
+def build_train_write(cfg: DictConfig, logger, times: dict) -> list[dict]:
+    """The body of run(); `times` gets a time stamp at the end of each phase (results.json's timings_s)."""
     b = build(cfg)
     evaluator = Evaluator(b.task, int(cfg.trainer.eval_batch_size))
-    logs = open_runs(cfg, b)
+    times["build"] = time.time()
+    logs = open_runs(cfg, b, logger)
     recorder = Recorder(cfg, b, evaluator, logs)
-    fit_start = time.time()
+    times["open_runs"] = time.time()
     extra = {"recovery_history": recorder.recovery_history}  # state on_eval computes from the model: checkpointed as is
     diverged = fit(
         cfg, task=b.task, model=b.model, optimizer=b.optimizer, scheduler=b.scheduler, generators=b.generators,
         evaluator=evaluator, on_eval=recorder, extra_state=extra,
     )
-    times = {"start": start, "train": time.time() - fit_start}
+    times["train"] = time.time()
     return write_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
 
 

@@ -17,28 +17,37 @@ def loss_of(params, x):
     return ((torch.tanh(x @ w1 + b1) @ w2) ** 2).mean() + w1.abs().sum() * 1e-3
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
-def test_adam_matches_torch_adam_for_many_steps(weight_decay):
-    gen = torch.Generator().manual_seed(0)
-    init = [torch.randn(5, 7, generator=gen), torch.randn(7, generator=gen), torch.randn(7, 3, generator=gen)]
-    x = torch.randn(16, 5, generator=gen)
-    ours = [p.clone().requires_grad_() for p in init]
-    theirs = [p.clone().requires_grad_() for p in init]
-    opt = Adam(groups_of([ours[:2], ours[2:]], [0.01, 0.1]), lr=0.01, weight_decay=weight_decay)
-    ref = torch.optim.Adam(groups_of([theirs[:2], theirs[2:]], [0.01, 0.1]), lr=0.01, weight_decay=weight_decay)
-    sched, ref_sched = ExponentialLR(opt, 0.97), torch.optim.lr_scheduler.ExponentialLR(ref, 0.97)
-    for _ in range(200):
+def train_pair(opt, ref, ours, theirs, x, gamma=0.97, steps=200):
+    sched, ref_sched = ExponentialLR(opt, gamma), torch.optim.lr_scheduler.ExponentialLR(ref, gamma)
+    for _ in range(steps):
         for o, params in ((opt, ours), (ref, theirs)):
             o.zero_grad(set_to_none=True)
             loss_of(params, x).backward()
             o.step()
         sched.step()
         ref_sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref.param_groups]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
+@pytest.mark.parametrize("fused", [True, False])
+def test_adam_is_torch_fused_adam_bit_for_bit_and_its_fallback_within_rounding(weight_decay, fused):
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(5, 7, generator=gen), torch.randn(7, generator=gen), torch.randn(7, 3, generator=gen)]
+    x = torch.randn(16, 5, generator=gen)
+    ours = [p.clone().requires_grad_() for p in init]
+    theirs = [p.clone().requires_grad_() for p in init]
+    opt = Adam(groups_of([ours[:2], ours[2:]], [0.01, 0.1]), lr=0.01, weight_decay=weight_decay)
+    opt.fused = fused  # False: the tensor-op path other devices take
+    ref = torch.optim.Adam(groups_of([theirs[:2], theirs[2:]], [0.01, 0.1]), lr=0.01, weight_decay=weight_decay, fused=True)
+    train_pair(opt, ref, ours, theirs, x)
     moved = sum((p.detach() - q).abs().max() for p, q in zip(ours, init))
     assert moved > 1.0, "the parameters moved, so agreement below is not trivial"
     for p, q in zip(ours, theirs):
-        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (p - q).abs().max()
-    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref.param_groups]
+        if fused:
+            assert torch.equal(p, q)
+        else:
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (p - q).abs().max()
 
 
 def test_adam_parameters_are_views_of_one_buffer_with_the_same_values():
