@@ -37,7 +37,7 @@ from modnets.results import (
     in_sweep,
     output_dirs,
     record_failure,
-    replicate_config,
+    replicate_configs,
     write_json,
 )
 
@@ -241,7 +241,7 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace, logger) -> SimpleNamespace:
     dirs = output_dirs(out, seeds)
     group = f"{out.parent.name}/{out.name}" if len(seeds) > 1 else None
     group = str(HydraConfig.get().sweep.dir) if in_sweep() else group  # the runs of one sweep share a group
-    configs = [replicate_config(cfg, r) for r in range(len(seeds))]
+    configs = replicate_configs(cfg, range(len(seeds)))
     name = f"{task.name}-{type(model).__name__.lower()}"
     tags = [task.name, type(model).__name__.lower(), *(["sweep"] if in_sweep() else [])]
     for d in dirs:
