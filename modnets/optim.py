@@ -20,9 +20,12 @@ import torch
 
 
 class Adam:
-    """Adam (Kingma & Ba, 2015) for parameter groups with their own `lr` (and `weight_decay`)."""
+    """Adam (Kingma & Ba, 2015) for parameter groups with their own `lr` (and `weight_decay`).
+    `fused=False` runs the tensor-op path (equal to the kernel up to float rounding)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, fused: bool = True
+    ):
         groups = list(params)
         groups = groups if groups and isinstance(groups[0], dict) else [{"params": groups}]
         defaults = {"lr": float(lr), "betas": tuple(map(float, betas)), "eps": float(eps), "weight_decay": float(weight_decay)}
@@ -47,7 +50,8 @@ class Adam:
         self.grads, self.moments = views(self.grad), (views(self.exp_avg), views(self.exp_avg_sq))
         self.steps = 0
         self.step_t = torch.zeros((), dtype=torch.float32, device=first.device)  # the fused kernel reads the step here
-        self.fused = hasattr(torch, "_fused_adam_") and first.device.type in ("cpu", "cuda") and first.dtype == torch.float32
+        kernel = hasattr(torch, "_fused_adam_") and first.device.type in ("cpu", "cuda") and first.dtype == torch.float32
+        self.fused = bool(fused) and kernel  # False: the tensor-op path
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradient; backward then accumulates into its views (`set_to_none` is moot)."""

@@ -37,8 +37,7 @@ def test_adam_is_torch_fused_adam_bit_for_bit_and_its_fallback_within_rounding(w
     x = torch.randn(16, 5, generator=gen)
     ours = [p.clone().requires_grad_() for p in init]
     theirs = [p.clone().requires_grad_() for p in init]
-    opt = Adam(groups_of([ours[:2], ours[2:]], [0.01, 0.1]), lr=0.01, weight_decay=weight_decay)
-    opt.fused = fused  # False: the tensor-op path other devices take
+    opt = Adam(groups_of([ours[:2], ours[2:]], [0.01, 0.1]), lr=0.01, weight_decay=weight_decay, fused=fused)
     ref = torch.optim.Adam(groups_of([theirs[:2], theirs[2:]], [0.01, 0.1]), lr=0.01, weight_decay=weight_decay, fused=True)
     train_pair(opt, ref, ours, theirs, x)
     moved = sum((p.detach() - q).abs().max() for p, q in zip(ours, init))
