@@ -221,12 +221,19 @@ def _serve() -> None:
 
 
 def _import_wandb():
+    """wandb, with two per-run costs of its start-up made once-per-worker (each a no-op change here):
+    the list of installed packages each run records is read once (0.1-0.3 s a run), and W&B
+    Launch's staged job inputs, which only a `wandb.sdk.launch` call in this process could have
+    staged, are not looked for (the look imports W&B's Launch client: about a second)."""
     import wandb
     import wandb.util
+    from wandb.sdk import wandb_run
 
-    if hasattr(wandb.util, "working_set"):  # each run lists the installed packages: once per process is enough
+    if hasattr(wandb.util, "working_set"):
         packages = list(wandb.util.working_set())
         wandb.util.working_set = lambda: iter(packages)
+    if hasattr(wandb_run.Run, "_detect_and_apply_job_inputs"):
+        wandb_run.Run._detect_and_apply_job_inputs = lambda self: None
     return wandb
 
 
