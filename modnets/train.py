@@ -269,6 +269,7 @@ class Recorder:
         self._histories = None
         self.recovery_init = recovery.measure(b.model, b.task)  # the untrained model, a baseline
         self.recovery_history = [[] for _ in b.seeds] if self.recovery_init is not None else None
+        self.last_recovery = (None, None)  # (epoch, recovery of every replicate) of the latest measurement
 
     def __call__(self, epoch: int, metrics: torch.Tensor) -> None:
         self.evals.append((epoch, metrics))
@@ -279,7 +280,8 @@ class Recorder:
         for wandb_run, row in zip(self.runs, rows if log else ()):
             wandb_run.log({"epoch": epoch, **row}, step=epoch)
         if self.recovery_history is not None and (epoch % self.every == 0 or last):
-            for h, wandb_run, rec in zip(self.recovery_history, self.runs, recovery.measure(self.model, self.task)):
+            self.last_recovery = (epoch, recovery.measure(self.model, self.task))
+            for h, wandb_run, rec in zip(self.recovery_history, self.runs, self.last_recovery[1]):
                 h.append({"epoch": epoch, **rec})
                 wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
         if show:
@@ -316,7 +318,9 @@ def write_results(
     params = count_parameters(model, len(seeds))
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
-    recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recorder.recovery_init)
+    epoch, measured = recorder.last_recovery  # measured after the last epoch, unless training stopped early
+    measured = measured if epoch == int(cfg.trainer.epochs) else recovery.measure(model, task)
+    recoveries = recovery.with_baselines(model, task, measured, recorder.recovery_init)
     commit = git_commit()
     results = []
     for r, (history, wandb_run) in enumerate(zip(recorder.histories, logs.runs)):
