@@ -7,29 +7,59 @@ atomically (a temporary file, then `os.replace`), so a kill at any moment leaves
 checkpoint or the new one. A run started again with the same config and output folder continues
 from it and, on the same machine, ends with bit-identical results; the evaluations so far are
 replayed through `on_eval`, so the history and the new W&B run are complete. The file is deleted
-when training ends.
+(`remove`) only after the run's results files are written, so a results write that fails (a full
+disk) leaves it for the relaunch.
+
+File format: one header line `modnets checkpoint <FORMAT> sha256=<hex>` and then the `torch.save`
+bytes it hashes. A file without that header, of another format version, or whose bytes do not match
+the hash (a flipped bit, a torn copy) is never loaded: one warning line, and training starts over.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from modnets.results import UNHASHED, config_hash
+from modnets.results import UNHASHED, config_hash, one_line, warn, write_atomic
 
 NAME = "checkpoint.pt"
+MAGIC, FORMAT = b"modnets checkpoint", 1
+KEYS = ("fingerprint", "epoch", "model", "optimizer", "scheduler", "generators", "torch_rng", "evals", "diverged")
 # Keys that do not change what is trained: those a results file's hash ignores, and where and in
 # what chunks it runs. A checkpoint stays valid when only they differ (it may resume on another device).
 IGNORED = (*UNHASHED, "trainer.device", "trainer.eval_batch_size")
 
 
-def warn(message: str) -> None:
-    print(f"modnets: warning: {message}", file=sys.stderr, flush=True)
+def pack(state: dict) -> bytes:
+    """The bytes of a checkpoint file: the header line with the payload's sha256, then the payload."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    return MAGIC + b" %d sha256=%s\n" % (FORMAT, hashlib.sha256(payload).hexdigest().encode()) + payload
+
+
+def unpack(data: bytes) -> dict:
+    """The state in checkpoint bytes; ValueError naming the problem when they are not a sound
+    modnets checkpoint of this format."""
+    header, _, payload = data.partition(b"\n")
+    fields = header.split(b" ")
+    if not header.startswith(MAGIC + b" ") or len(fields) != 4 or not fields[3].startswith(b"sha256="):
+        raise ValueError("not a modnets checkpoint (no modnets header)")
+    if fields[2] != str(FORMAT).encode():
+        raise ValueError(f"checkpoint format {fields[2].decode(errors='replace')}, this modnets reads format {FORMAT}")
+    if hashlib.sha256(payload).hexdigest().encode() != fields[3][len(b"sha256="):]:
+        raise ValueError("corrupted: its bytes do not match its checksum")
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    missing = [k for k in KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"not a modnets checkpoint (no {', '.join(missing)})")
+    return state
 
 
 def fingerprint(cfg) -> str:
@@ -40,7 +70,8 @@ def fingerprint(cfg) -> str:
 class Checkpointer:
     """Saves and restores the state of `fit`; does nothing when `trainer.checkpoint_every` is 0."""
 
-    def __init__(self, cfg, model, optimizer, scheduler, generators, extra_state=None):
+    def __init__(self, cfg, model, optimizer, scheduler, generators, extra_state=None, last_finite=None):
+        self.last_finite = last_finite  # train.LastFinite: its tensors are checkpointed too
         self.extra = {k: v for k, v in (extra_state or {}).items() if v is not None}
         self._saved_extra = None
         self.every = int(cfg.trainer.get("checkpoint_every") or 0)
@@ -60,9 +91,12 @@ class Checkpointer:
         if not self.path or not self.path.exists():
             return 0
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            state = unpack(self.path.read_bytes())
+        except ValueError as e:  # checked before use: a file that fails is never loaded
+            warn(f"ignoring {self.path}: {e}; training from the start")
+            return 0
         except Exception as e:
-            warn(f"ignoring unreadable checkpoint {self.path} ({type(e).__name__}: {e}); training from the start")
+            warn(f"ignoring unreadable checkpoint {self.path} ({one_line(e)}); training from the start")
             return 0
         if state.get("fingerprint") != self.fingerprint:
             warn(f"ignoring {self.path}: it belongs to another config; training from the start")
@@ -75,6 +109,8 @@ class Checkpointer:
         torch.set_rng_state(state["torch_rng"])
         self.evals, self.diverged = list(state["evals"]), dict(state["diverged"])
         self._saved_extra = json.loads(state.get("extra", "{}"))
+        if self.last_finite is not None and state.get("last_finite") is not None:
+            self.last_finite.load(state["last_finite"])
         print(f"modnets: resuming from {self.path} after epoch {state['epoch']}", file=sys.stderr, flush=True)
         return int(state["epoch"])
 
@@ -93,16 +129,14 @@ class Checkpointer:
             "evals": self.evals,
             "diverged": self.diverged,
             "extra": json.dumps(self.extra, default=float),  # plain data, loadable with weights_only
+            "last_finite": self.last_finite.state() if self.last_finite is not None else None,
         }
-        tmp = self.path.with_name(NAME + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, pack(state))
         except (OSError, RuntimeError) as e:  # a full disk must not cost the run
-            tmp.unlink(missing_ok=True)
             self._write_failed = True
-            warn(f"could not write {self.path} ({e}); training goes on without checkpoints")
+            warn(f"could not write {self.path} ({one_line(e)}); training goes on without checkpoints")
 
     def restore_extra(self) -> None:
         """Put the checkpointed `extra_state` lists back in place (after the replay refilled them)."""
@@ -112,4 +146,9 @@ class Checkpointer:
 
     def remove(self) -> None:
         if self.path:
-            self.path.unlink(missing_ok=True)
+            remove(self.path.parent)
+
+
+def remove(output_dir) -> None:
+    """Delete the checkpoint of a run whose results are written."""
+    (Path(output_dir) / NAME).unlink(missing_ok=True)

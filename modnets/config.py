@@ -148,8 +148,23 @@ def _kind_of_default(default):
     return None
 
 
+INT64 = 2**63
+
+
+def _huge_ints(node, prefix: str = ""):
+    """(key, value) of every integer in a plain config that does not fit 64 bits (what torch takes)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(node, list) else f"{prefix}.{k}" if prefix else str(k)
+        if _is_int(v) and not -INT64 <= v < INT64:
+            yield key, v
+        yield from _huge_ints(v, key)
+
+
 def validate(cfg: DictConfig) -> None:
     """Every known key's type and range, and every target group's keys against its target."""
+    for key, value in _huge_ints(OmegaConf.to_container(cfg, resolve=False)):
+        raise ConfigError(key, value, "an integer that fits in 64 bits (below 2**63)")
     for key, (ok, allowed) in RULES.items():
         section, _, name = key.rpartition(".")
         node = cfg.get(section) if section else cfg
@@ -233,6 +248,34 @@ def data_estimate(task: DictConfig, replicates: int) -> tuple[str, object, int, 
     return key, value, rows, rows * per_row
 
 
+# Start-up per replicate before the first step: its folder, and its W&B run when W&B is on (about an
+# hour for 100,000 replicates with W&B offline).
+START_S = {"folder": 0.002, "wandb": 0.035}
+RESULT_BYTES_PER_EVAL = 500  # one history entry of results.json (6 splits x 3 metrics), about
+
+
+def sanity_warnings(cfg: DictConfig) -> list[str]:
+    """One line per part of a run that is absurdly large before it starts: minutes of start-up
+    (folders and W&B runs of every replicate), or gigabytes of results histories."""
+    tr, lines = cfg.trainer, []
+    replicates, evals = int(tr.replicates), int(tr.epochs) // int(tr.eval_every) + 1
+    wandb = str(cfg.get("logger", {}).get("mode", "disabled")) in ("offline", "online")
+    start = replicates * (START_S["folder"] + START_S["wandb"] * wandb)
+    if start > 300:
+        fix = "logger.mode=disabled or fewer replicates" if wandb else "fewer replicates"
+        lines.append(
+            f"trainer.replicates={replicates}: about {start / 60:,.0f} min estimated to open {replicates:,} run folders"
+            + (" and W&B runs" if wandb else "") + f" before the first step ({fix})"
+        )
+    size = replicates * evals * RESULT_BYTES_PER_EVAL
+    if size > GB:
+        lines.append(
+            f"trainer.eval_every={int(tr.eval_every)}: about {size / GB:,.1f} GB of results.json histories estimated "
+            f"({replicates:,} replicates x {evals:,} evaluations; raise trainer.eval_every)"
+        )
+    return lines
+
+
 def check_memory(what: str, key: str, value, needed: int, device) -> None:
     """Refuse `needed` bytes (with the estimate) when they exceed what the device has available."""
     free = available_memory(device)
@@ -266,7 +309,8 @@ def _one_line(e: BaseException) -> str:
 
 def one_line_errors(entry):
     """Wrap a `@hydra.main` entry point: Hydra's composition errors (unknown key, missing
-    option, bad override syntax) become one stderr line and exit code 2. Setting
+    option, bad override syntax) become one stderr line and exit code 2, a run folder Hydra
+    cannot create or write one line and exit code 1. Setting
     HYDRA_FULL_ERROR=1 keeps Hydra's own reports."""
 
     @functools.wraps(entry)
@@ -281,6 +325,11 @@ def one_line_errors(entry):
         except HydraException as e:
             print(f"modnets: config error: {_one_line(e)}", file=sys.stderr)
             raise SystemExit(2) from None
+        except OSError as e:  # Hydra could not create or write the run folder
+            from modnets.results import os_problem
+
+            print(f"modnets: error: cannot create or write the output folder: {os_problem(e)}", file=sys.stderr)
+            raise SystemExit(1) from None
         finally:
             os.environ.pop("HYDRA_FULL_ERROR", None)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -84,12 +85,18 @@ class PairImages:
 
 def read_idx(path) -> np.ndarray:
     """An IDX file (the MNIST format), gzipped or not: magic 0 0 type ndim, big-endian sizes, data."""
-    data = Path(path).read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+    try:
+        data = Path(path).read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, truncated or corrupted gzip
+        problem = "a truncated gzip file" if isinstance(e, EOFError) else "unreadable"
+        raise ConfigError("task.root", str(path), f"an IDX file, gzipped or not; this one is {problem} ({e})") from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_TYPES:
         raise ConfigError("task.root", str(path), "an IDX file (magic bytes 0 0 type ndim)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ConfigError("task.root", str(path), f"an IDX file; its header promises {ndim} sizes the file does not hold")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     dtype = np.dtype(IDX_TYPES[data[2]])
     count = int(np.prod(dims))
@@ -114,7 +121,22 @@ def load_mnist(root) -> dict[str, np.ndarray]:
             "task.root", str(root), f"a folder holding the MNIST files {names}; {folder.resolve()} lacks {', '.join(missing)}"
             " (modnets does not download: fetch them and pass task.root=FOLDER)",
         )
-    return {key: read_idx(path) for key, path in found.items()}
+    data = {key: read_idx(path) for key, path in found.items()}
+    check_mnist(data, found, folder)
+    return data
+
+
+def check_mnist(data: dict[str, np.ndarray], paths: dict[str, Path], folder: Path) -> None:
+    """Images [n, H, W] of one size, labels [n], as many labels as images in each split."""
+    for split in ("train", "test"):
+        images, labels = data[f"{split}_images"], data[f"{split}_labels"]
+        image_path, label_path = paths[f"{split}_images"], paths[f"{split}_labels"]
+        check(images.ndim == 3, "task.root", str(image_path), f"images [n, H, W]; this file holds {list(images.shape)}")
+        check(labels.ndim == 1, "task.root", str(label_path), f"labels [n]; this file holds {list(labels.shape)}")
+        counts = f"{image_path.name} has {len(images)} images and {label_path.name} {len(labels)} labels"
+        check(len(images) == len(labels), "task.root", str(folder), f"as many labels as images; {counts}")
+    shapes = {key: list(data[key].shape[1:]) for key in ("train_images", "test_images")}
+    check(shapes["train_images"] == shapes["test_images"], "task.root", str(folder), f"images of one size, not {shapes}")
 
 
 def load_images(source: str, root, image_train_fraction: float, seed: int):

@@ -3,10 +3,16 @@
 One `results.json` per run (per replicate), written atomically. A run is identified by
 the hash of its resolved config, so that a relaunched sweep skips what already finished,
 and a sweep job that raised leaves a `failed` results file instead of stopping the sweep.
+
+Every file carries `format` (FORMAT) and `checksum`, the sha256 of the rest of it (`seal`);
+`problem` says why a loaded file is not a sound modnets results file (foreign, of another
+format, edited or corrupted), and such a file is never trusted: a sweep reruns the job, the
+aggregator lists it apart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -15,6 +21,11 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no lock
+    fcntl = None
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -49,16 +60,118 @@ def dumps(data: dict) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Atomic write: a reader sees the old file or the whole new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def warn(message: str) -> None:
+    print(f"modnets: warning: {message}", file=sys.stderr, flush=True)
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary file, flushed to the disk, then `os.replace`: a reader (or a
+    crash) sees the old file or the whole new one. On an error (a full disk) nothing new is left."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(dumps(data))
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError:  # a full disk: leave no half-written file behind
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+FORMAT = "modnets-results-1"
+
+
+def checksum(result: dict) -> str:
+    """sha256 of a results dict without its `checksum` (canonical JSON: sorted keys)."""
+    body = {k: v for k, v in result.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def seal(result: dict) -> dict:
+    result = {k: v for k, v in result.items() if k != "checksum"} | {"format": FORMAT}
+    return result | {"checksum": checksum(result)}
+
+
+def problem(result) -> str | None:
+    """Why a loaded results.json is not a sound modnets results file; None when it is."""
+    if not isinstance(result, dict):
+        return f"not a modnets results file (a JSON {type(result).__name__}, not an object)"
+    if "checksum" not in result:
+        return "not a modnets results file (no checksum)"
+    if result.get("format") != FORMAT:
+        return f"results format {result.get('format')!r}; this modnets reads {FORMAT!r}"
+    if result["checksum"] != checksum(result):
+        return "corrupted or edited: its content does not match its checksum"
+    return None
+
+
+def write_json(path: Path, data: dict) -> dict:
+    """A results file, sealed with its checksum, written atomically; returns what it wrote."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = seal(data)
+    write_atomic(path, dumps(data).encode())
+    return data
+
+
+class RunError(RuntimeError):
+    """A fault outside the config (a file, a folder, a full disk): one line naming the path and the problem."""
+
+
+class FolderBusy(RunError):
+    """Another process holds the run folder's lock."""
+
+
+def os_problem(e: OSError) -> str:
+    """`PATH: problem` of an OSError (its message when it names no path)."""
+    return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else one_line(e)
+
+
+LOCK = ".modnets.lock"
+
+
+@contextlib.contextmanager
+def lock_folder(out: Path):
+    """Hold an advisory lock (`fcntl.flock`) on `out/.modnets.lock` while the run lives: a second
+    process on the same folder stops with FolderBusy instead of writing over the first one's files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK, "a+")  # noqa: SIM115 (held open for the run's duration)
+    except OSError as e:
+        raise RunError(f"cannot create or write the output folder: {os_problem(e)}") from None
+    with f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                pid = f.read().strip()
+                raise FolderBusy(
+                    f"{out} is in use by another modnets process{f' (pid {pid})' if pid else ''}; "
+                    "wait for it to end or choose another output folder"
+                ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def clear_failure(out: Path, replicates: int) -> None:
+    """A replicated job writes `seed_*/results.json`: its own `failed` record in `out`, left by an
+    earlier try, is removed so that it does not outlive the retry."""
+    path = out / "results.json"
+    if replicates == 1 or not path.exists():
+        return
+    try:
+        stale = json.loads(path.read_text()).get("status") == "failed"
+    except (OSError, ValueError, AttributeError):
+        return
+    if stale:
+        path.unlink(missing_ok=True)
 
 
 def replicate_config(cfg: DictConfig, r: int) -> dict:
@@ -107,9 +220,16 @@ def finished_results(cfg: DictConfig) -> list[dict] | None:
     base = replicate_config(cfg, 0)  # resolved once: replicate r differs only in its seed
     results = []
     for r, d in enumerate(output_dirs(Path(cfg.output_dir), seeds)):
+        path = d / "results.json"
+        if not path.exists():
+            return None
         try:
-            result = json.loads((d / "results.json").read_text())
-        except (OSError, ValueError):
+            result = json.loads(path.read_text())
+            bad = problem(result)
+        except (OSError, ValueError) as e:
+            bad = f"unreadable ({one_line(e)})"
+        if bad:
+            warn(f"ignoring {path}: {bad}; the job runs again")
             return None
         if result.get("status") not in FINAL or result.get("config_hash") != config_hash(base | {"seed": seeds[r]}):
             return None
@@ -123,13 +243,18 @@ def in_sweep() -> bool:
 
 def record_failure(cfg: DictConfig, error: Exception) -> None:
     """A sweep job that raised: results.json with status `failed` and the error, so that the
-    other jobs go on and the aggregator reports it."""
-    try:
-        config = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:
-        config = OmegaConf.to_container(cfg, resolve=False)
-    message = f"{type(error).__name__}: {error}"
+    other jobs go on and the aggregator reports it. A failure that cannot be recorded (a full
+    disk) is reported on stderr, and the sweep goes on all the same."""
+    message = one_line(error)
     out = Path(HydraConfig.get().runtime.output_dir)
-    result = {"status": "failed", "error": message, "traceback": traceback.format_exc(), "config": config}
-    write_json(out / "results.json", result | {"config_hash": config_hash(config), "git_commit": git_commit()})
-    print(f"modnets: job {HydraConfig.get().job.num} failed ({out}): {message}", file=sys.stderr)
+    job = f"modnets: job {HydraConfig.get().job.num} failed ({out}): {message}"
+    try:
+        try:
+            config = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:
+            config = OmegaConf.to_container(cfg, resolve=False)
+        result = {"status": "failed", "error": message, "traceback": traceback.format_exc(), "config": config}
+        write_json(out / "results.json", result | {"config_hash": config_hash(config), "git_commit": git_commit()})
+    except Exception as e:
+        job += f"; not recorded: could not write {out / 'results.json'} ({one_line(e)})"
+    print(job, file=sys.stderr, flush=True)

@@ -24,20 +24,37 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import modnets
-from modnets import recovery, routers
+from modnets import checkpoint, recovery, routers
+from modnets.checkpoint import NAME as CHECKPOINT
 from modnets.checkpoint import Checkpointer
-from modnets.config import ConfigError, check, check_memory, check_model_memory, data_estimate, one_line_errors, validate
+from modnets.config import (
+    ConfigError,
+    check,
+    check_memory,
+    check_model_memory,
+    data_estimate,
+    one_line_errors,
+    sanity_warnings,
+    validate,
+)
 from modnets.models import count_flops, count_parameters, parameter_groups
 from modnets.optim import ExponentialLR
 from modnets.results import (
+    FolderBusy,
+    RunError,
     best_entry,
+    clear_failure,
     config_hash,
     finished_results,
     git_commit,
     in_sweep,
+    lock_folder,
+    one_line,
+    os_problem,
     output_dirs,
     record_failure,
     replicate_configs,
+    warn,
     write_json,
 )
 
@@ -121,6 +138,45 @@ def draw_epoch(generators, n_train, x_shape, noise_std, noise_shapes, steps, per
     )
 
 
+class LastFinite:
+    """Every replicate's weights at its last finite evaluation. A replicate that diverges keeps
+    the copy taken before its NaN, and `restore` writes it back into the model when training
+    ends, so that its routing and recovery describe the model its history ends with (the initial
+    weights when it diverged before its first evaluation). Costs one copy of the parameters."""
+
+    def __init__(self, model, replicates: int):
+        self.params = [p for p in model.parameters() if p.shape[:1] == (replicates,)]
+        self.snapshot = [p.detach().clone() for p in self.params]
+        self.kept: dict[int, list[torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def evaluated(self) -> None:
+        for s, p in zip(self.snapshot, self.params):
+            s.copy_(p)
+
+    def diverged(self, r: int) -> None:
+        self.kept[r] = [s[r].clone() for s in self.snapshot]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for r, slices in self.kept.items():
+            for p, s in zip(self.params, slices):
+                p[r] = s
+
+    def state(self) -> dict:
+        """For the checkpoint; the snapshot only when it is not the weights themselves (checkpointed
+        right after an evaluation, the usual case, it is)."""
+        cpu = lambda ts: [t.cpu() for t in ts]  # noqa: E731
+        same = all(torch.equal(s, p) for s, p in zip(self.snapshot, self.params))
+        return {"snapshot": None if same else cpu(self.snapshot), "kept": {r: cpu(ts) for r, ts in self.kept.items()}}
+
+    @torch.no_grad()
+    def load(self, state: dict) -> None:  # after the model's weights are loaded
+        for s, t in zip(self.snapshot, state["snapshot"] or self.params, strict=True):
+            s.copy_(t)
+        self.kept = {int(r): [t.to(s.device) for t, s in zip(ts, self.snapshot)] for r, ts in state["kept"].items()}
+
+
 def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, extra_state=None) -> dict[int, int]:
     """The training loop: every epoch, shuffled minibatches; every `eval_every` epochs, metrics.
 
@@ -130,7 +186,9 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     the model, not from the metrics) is checkpointed and restored in place. Returns the
     replicates that diverged, {replicate: epoch}: a replicate whose training loss is NaN or inf
     in an epoch (checked once per epoch) is reported; the others train on (replicates never mix),
-    and training stops when every replicate has diverged.
+    and training stops when every replicate has diverged. A diverged replicate's weights are put
+    back to those of its last finite evaluation (`LastFinite`). The checkpoint stays: the caller
+    removes it (`modnets.checkpoint.remove`) once the results are safely written.
     """
     tr = cfg.trainer
     R = len(generators)
@@ -139,7 +197,8 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     steps = math.ceil(n_train / batch)
     noise_shapes = routers.noise_shapes(model)
     per_sample = bool(getattr(model, "noise_per_sample", False))
-    saver = Checkpointer(cfg, model, optimizer, scheduler, generators, extra_state)
+    last_finite = LastFinite(model, R)
+    saver = Checkpointer(cfg, model, optimizer, scheduler, generators, extra_state, last_finite)
     start = saver.resume()
     for epoch, metrics in saver.evals:  # the history so far, as if it had just been evaluated
         on_eval(epoch, metrics.to(task.x.device))
@@ -173,6 +232,7 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
         for r in (~finite).nonzero().flatten().tolist():  # one sync per epoch
             if r not in diverged:
                 diverged[r] = epoch
+                last_finite.diverged(r)
                 who = f"seed {int(cfg.seed) + r}" + (f", replicate {r} of {R}" if R > 1 else "")
                 then = "the other replicates train on" if len(diverged) < R else "training stopped"
                 print(
@@ -183,11 +243,12 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
         if len(diverged) == R:
             break
         if metrics is not None:
+            last_finite.evaluated()  # the weights these metrics come from
             saver.record(epoch, metrics)
             on_eval(epoch, metrics)
         if epoch < int(tr.epochs):
             saver.save(epoch)
-    saver.remove()
+    last_finite.restore()
     return diverged
 
 
@@ -313,7 +374,8 @@ def progress_line(epoch: int, epochs: int, rows: list[dict]) -> str:
 def write_results(
     cfg: DictConfig, b: SimpleNamespace, logs: SimpleNamespace, recorder: Recorder, diverged: dict[int, int], times: dict
 ) -> list[dict]:
-    """One results.json per replicate (modnets.results has the contract), and the W&B summaries."""
+    """One results.json per replicate (modnets.results has the contract), and the W&B summaries.
+    The files are written once W&B has finished every run, so that each names its W&B run or null."""
     task, model, seeds = b.task, b.model, b.seeds
     params = count_parameters(model, len(seeds))
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
@@ -326,6 +388,8 @@ def write_results(
     for r, (history, wandb_run) in enumerate(zip(recorder.histories, logs.runs)):
         if r in diverged:  # keep the evaluations before the epoch whose training loss was NaN or inf
             history[:] = [h for h in history if h["epoch"] < diverged[r]]
+            if recorder.recovery_history is not None:
+                recorder.recovery_history[r][:] = [h for h in recorder.recovery_history[r] if h["epoch"] < diverged[r]]
         best = best_entry(history) if history else None
         result = {
             "status": "diverged" if r in diverged else "completed",
@@ -355,54 +419,94 @@ def write_results(
     times["results"] = time.time()
     started = logs.logger.close() if hasattr(logs.logger, "close") else None  # wait for W&B: every run finished
     times["wandb_wait"] = time.time()
+    written = []
     for d, result in zip(logs.dirs, results):
         if started is not None and result["wandb_id"] not in started:
             result["wandb_id"] = None  # W&B could not start this run
         result["timings_s"] = phases(times)
-        write_json(d / "results.json", result)
-    return results
+        try:
+            written.append(write_json(d / "results.json", result))
+        except OSError as e:  # a full disk: the W&B runs are finished, the checkpoint stays for the relaunch
+            raise RunError(f"could not write {d / 'results.json'}: {e.strerror or one_line(e)}; {kept(cfg)}") from None
+    return written
 
 
 def phases(times: dict) -> dict[str, float]:
-    """Seconds of each phase of run() so far, from the time stamps taken at the end of each."""
+    """Seconds of each phase of a run so far, from the time stamps taken at the end of each."""
     names, stamps = list(times), list(times.values())
     return {name: round(b - a, 4) for name, a, b in zip(names[1:], stamps, stamps[1:])}
 
 
+def kept(cfg: DictConfig) -> str:
+    """What a relaunch after a failed results write will do."""
+    if (Path(cfg.output_dir) / CHECKPOINT).exists():
+        return "the checkpoint is kept: free space and relaunch to resume"
+    return "no checkpoint to resume from (trainer.checkpoint_every=N keeps one): free space and relaunch"
+
+
 def run(cfg: DictConfig) -> list[dict]:
-    """Build everything from the config, train, write one results.json per replicate."""
+    """Build everything from the config, train, write one results.json per replicate.
+    The output folder is locked for the run's duration (a second process on it stops)."""
     start = time.time()
     validate(cfg)  # before anything reads the config (build validates again: it is also called alone)
-    done = finished_results(cfg)
-    if done is not None:  # a relaunched sweep: this job already ran with exactly this config
-        print(f"modnets: skipped, {cfg.output_dir} holds finished results of this config", flush=True)
+    with lock_folder(Path(cfg.output_dir)):
+        done = finished_results(cfg)
+        if done is None:
+            for line in sanity_warnings(cfg):
+                warn(line)
+            done = train(cfg, start)
+            checkpoint.remove(cfg.output_dir)  # only now: the results are safely written
+        else:  # a relaunched sweep: this job already ran with exactly this config
+            print(f"modnets: skipped, {cfg.output_dir} holds finished results of this config", flush=True)
+        clear_failure(Path(cfg.output_dir), int(cfg.trainer.replicates))
         return done
+
+
+def train(cfg: DictConfig, start: float) -> list[dict]:
+    """Build, train and write the results files (`run` without its folder bookkeeping). W&B starts
+    first, in its own process, so that it imports itself while this one builds and trains."""
     logger = instantiate(cfg.logger)
     if hasattr(logger, "launch"):
-        logger.launch()  # W&B imports itself in its own process while this one builds and trains
-    times = {"start": start, "wandb_launch": time.time()}
+        logger.launch()
+    times = {"start": start, "wandb_launch": time.time()}  # time stamps at the end of each phase: timings_s
     try:
-        return build_train_write(cfg, logger, times)
+        b = build(cfg)
+        evaluator = Evaluator(b.task, int(cfg.trainer.eval_batch_size))
+        times["build"] = time.time()
+        logs = open_runs(cfg, b, logger)
+        recorder = Recorder(cfg, b, evaluator, logs)
+        times["open_runs"] = time.time()
+        extra = {"recovery_history": recorder.recovery_history}  # state on_eval computes from the model: checkpointed as is
+        diverged = fit(
+            cfg, task=b.task, model=b.model, optimizer=b.optimizer, scheduler=b.scheduler, generators=b.generators,
+            evaluator=evaluator, on_eval=recorder, extra_state=extra,
+        )
+        times["train"] = time.time()
+        return write_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
     finally:
         if hasattr(logger, "close"):
             logger.close()  # after an error too: the W&B worker finishes its runs and exits (a no-op when done)
 
 
-def build_train_write(cfg: DictConfig, logger, times: dict) -> list[dict]:
-    """The body of run(); `times` gets a time stamp at the end of each phase (results.json's timings_s)."""
-    b = build(cfg)
-    evaluator = Evaluator(b.task, int(cfg.trainer.eval_batch_size))
-    times["build"] = time.time()
-    logs = open_runs(cfg, b, logger)
-    recorder = Recorder(cfg, b, evaluator, logs)
-    times["open_runs"] = time.time()
-    extra = {"recovery_history": recorder.recovery_history}  # state on_eval computes from the model: checkpointed as is
-    diverged = fit(
-        cfg, task=b.task, model=b.model, optimizer=b.optimizer, scheduler=b.scheduler, generators=b.generators,
-        evaluator=evaluator, on_eval=recorder, extra_state=extra,
-    )
-    times["train"] = time.time()
-    return write_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
+def failed(cfg: DictConfig, e: Exception) -> None:
+    """A run that raised. In a sweep: recorded as a `failed` results file (or, when even that
+    fails, reported on stderr), and the sweep goes on. Alone: one line and exit code 2 (config)
+    or 1 (a file, a folder, a disk); anything else is a bug and keeps its traceback."""
+    if isinstance(e, FolderBusy):  # its folder and results belong to the other process
+        print(f"modnets: error: {e}", file=sys.stderr, flush=True)
+        if in_sweep():
+            return None
+        raise SystemExit(1) from None
+    if in_sweep():
+        record_failure(cfg, e)
+        return None
+    if isinstance(e, ConfigError):
+        print(f"modnets: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if isinstance(e, (RunError, OSError)):
+        print(f"modnets: error: {os_problem(e) if isinstance(e, OSError) else e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    raise e
 
 
 @one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError
@@ -411,13 +515,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except Exception as e:
-        if in_sweep():  # one failing job must not stop the sweep: record it and go on
-            record_failure(cfg, e)
-            return None
-        if isinstance(e, ConfigError):
-            print(f"modnets: config error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
+        return failed(cfg, e)
     finals = [r["final"]["heldout_acc"] for r in results if r.get("final")]  # diverged runs may have none
     return sum(finals) / len(finals) if finals else float("nan")
 

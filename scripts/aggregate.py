@@ -7,7 +7,9 @@ were logged), and writes to `--out` (default: `aggregate/` in the first folder):
 - `summary.csv`: one row per configuration: the config keys that vary across the sweep, `arch`,
   `n` (seeds), and for every metric `_mean`, `_std` (sample std) and `_ci95` (half-width of the 95%
   Student-t interval over seeds: mean ± ci95);
-- `runs.csv`: one row per run; `failures.csv`: every run whose status is not `completed`;
+- `runs.csv`: one row per run; `failures.csv`: every file not counted, with why: a run whose status
+  is not `completed`, an unreadable or malformed file, a file modnets did not write (no valid
+  checksum), a run with a NaN or inf metric, a second copy of a run (same config hash and seed);
 - `heldout_vs_fraction.png`, `learning_curves.png`, `recovery.png` (with `--plots`, the default).
 """
 
@@ -24,6 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from modnets.results import problem
 
 # Config keys that do not define a configuration (where a run wrote and how it logged).
 IGNORED = (
@@ -94,36 +98,58 @@ def metrics_of(result: dict) -> dict[str, float]:
 
 
 def load(paths: list[Path]):
-    """Completed runs as (config key, config, metrics, curve) and failures as dicts."""
-    runs, failures = [], []
+    """Completed runs as dicts (config key, config, metrics, curve, ...) and every other file as a
+    failure: failed or diverged runs, unreadable, malformed or foreign files (`results.problem`:
+    no valid modnets checksum), runs with a NaN or inf metric, and a second copy of a run
+    (same config hash and seed) found in another folder. Never raises on a file's content."""
+    runs, failures, seen = [], [], {}
     for path in paths:
         try:
-            result = json.loads(path.read_text())
+            run, reason = read_run(path)
         except (OSError, ValueError) as e:
-            failures.append({"path": str(path), "status": "unreadable", "error": str(e)})
+            run, reason = None, ("unreadable", " ".join(str(e).split()))
+        except (KeyError, TypeError, AttributeError, IndexError) as e:  # sealed, yet not shaped as modnets writes
+            run, reason = None, ("malformed", f"{type(e).__name__}: {e}")
+        if run is not None and run["id"] in seen:
+            run, reason = None, ("duplicate", f"same config hash and seed as {seen[run['id']]}; counted once")
+        if run is None:
+            failures.append({"path": str(path), "status": reason[0], "error": reason[1]})
             continue
-        status = result.get("status", "unknown")
-        if status != "completed":
-            error = result.get("error") or result.get("message") or ""
-            failures.append({"path": str(path), "status": status, "error": str(error).splitlines()[0] if error else ""})
-            continue
-        config = {k: v for k, v in flatten(result.get("config", {})).items() if not k.startswith(IGNORED)}
-        key = json.dumps(config, sort_keys=True, default=str)
-        history = result.get("history") or []
-        curve = (np.array([h["epoch"] for h in history]), np.array([h.get("heldout_acc", np.nan) for h in history]))
-        seed = result.get("config", {}).get("seed")
-        runs.append(
-            {
-                "key": key,
-                "config": config,
-                "metrics": metrics_of(result),
-                "curve": curve,
-                "seed": seed,
-                "arch": arch_label(result.get("config", {})),
-                "path": str(path),
-            }
-        )
+        seen[run["id"]] = str(path)
+        runs.append(run)
     return runs, failures
+
+
+def read_run(path: Path):
+    """(run, None) for a sound completed run, else (None, (status, why))."""
+    result = json.loads(path.read_text())
+    bad = problem(result)
+    if bad:
+        return None, ("rejected", bad)
+    status = result.get("status", "unknown")
+    if status != "completed":
+        error = result.get("error") or result.get("message") or ""
+        return None, (status, str(error).splitlines()[0] if error else "")
+    config = {k: v for k, v in flatten(result.get("config", {})).items() if not k.startswith(IGNORED)}
+    history = result.get("history") or []
+    curve = (np.array([h["epoch"] for h in history]), np.array([h.get("heldout_acc", np.nan) for h in history], dtype=float))
+    metrics = metrics_of(result)
+    numbers = [*metrics.items(), *(("history", v) for h in history for v in h.values() if isinstance(v, float))]
+    nonfinite = sorted({k for k, v in numbers if not math.isfinite(v)})
+    if nonfinite:
+        return None, ("non-finite", f"NaN or inf in {', '.join(nonfinite)}")
+    seed = result.get("config", {}).get("seed")
+    run = {
+        "key": json.dumps(config, sort_keys=True, default=str),
+        "id": (result.get("config_hash"), seed),
+        "config": config,
+        "metrics": metrics,
+        "curve": curve,
+        "seed": seed,
+        "arch": arch_label(result.get("config", {})),
+        "path": str(path),
+    }
+    return run, None
 
 
 def t_quantile(n: int) -> float:

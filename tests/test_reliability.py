@@ -279,11 +279,12 @@ def test_wandb_folder_filling_up_during_the_run_warns_and_results_are_written(cf
 
 # ------------------------------------------------------------------------------------- determinism
 
-TIMINGS = ("train_time_s", "wall_time_s", "timings_s")
+TIMINGS = ("train_time_s", "wall_time_s", "timings_s", "checksum")  # the checksum covers the timings
 
 
 def test_same_config_and_seed_give_identical_results_files(cfg_in, tmp_path):
-    """Two processes (this one and a CLI run), same config and seed: identical files but timings."""
+    """Two processes (this one and a CLI run), same config and seed: identical files but timings
+    (and the checksum over them)."""
     overrides = ["experiment=shared", "router=gumbel", "task.noise=0.1", "trainer.replicates=2", "trainer.epochs=20", *FAST]
     run(cfg_in(*overrides))
     proc = cli(*overrides, f"hydra.run.dir={tmp_path / 'again'}")

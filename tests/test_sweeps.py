@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from test_train import cli
 
-from modnets.results import config_hash, finished_results, replicate_config
+from modnets.results import config_hash, finished_results, replicate_config, seal
 from modnets.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +90,7 @@ def test_config_hash_ignores_paths_and_logging_but_not_hyperparameters(cfg_in):
 
 
 def write_run(folder: Path, seed: int, heldout: float, fraction: float = 0.5, status: str = "completed"):
+    """A results file as modnets writes it (sealed with its checksum)."""
     config = {
         "seed": seed,
         "output_dir": str(folder),
@@ -110,7 +111,7 @@ def write_run(folder: Path, seed: int, heldout: float, fraction: float = 0.5, st
     if status != "completed":
         result = {"status": status, "error": "ConfigError: boom", "config": config}
     folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps(result))
+    (folder / "results.json").write_text(json.dumps(seal(result | {"config_hash": config_hash(config)})))
 
 
 def test_aggregate_mean_std_and_confidence_interval_match_hand_computed_values(tmp_path):
