@@ -116,7 +116,8 @@ def cli_run(replicates: int, mode: str, threads: int | None, device: str = "cpu"
         )
         wall = time.perf_counter() - start
         result = json.loads(next(Path(out).rglob("results.json")).read_text())
-    return {"wall": wall, "train": result["train_time_s"], "inside": result["wall_time_s"], "timings": result["timings_s"]}
+    timings = result.get("timings_s", {})  # results of older versions have none
+    return {"wall": wall, "train": result["train_time_s"], "inside": result["wall_time_s"], "timings": timings}
 
 
 def python_wall(code: str) -> float:
