@@ -380,8 +380,9 @@ def write_results(
     params = count_parameters(model, len(seeds))
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
-    epoch, measured = recorder.last_recovery  # measured after the last epoch, unless training stopped early
-    measured = measured if epoch == int(cfg.trainer.epochs) else recovery.measure(model, task)
+    epoch, measured = recorder.last_recovery  # measured after the last epoch: still the weights when none diverged
+    if epoch != int(cfg.trainer.epochs) or diverged:  # (a diverged replicate's weights were put back since)
+        measured = recovery.measure(model, task)
     recoveries = recovery.with_baselines(model, task, measured, recorder.recovery_init)
     commit = git_commit()
     results = []
