@@ -31,9 +31,9 @@ from modnets.results import UNHASHED, config_hash, one_line, warn, write_atomic
 NAME = "checkpoint.pt"
 MAGIC, FORMAT = b"modnets checkpoint", 1
 KEYS = ("fingerprint", "epoch", "model", "optimizer", "scheduler", "generators", "torch_rng", "evals", "diverged")
-# Keys that do not change what is trained: those a results file's hash ignores, and where and in
-# what chunks it runs. A checkpoint stays valid when only they differ (it may resume on another device).
-IGNORED = (*UNHASHED, "trainer.device", "trainer.eval_batch_size")
+# Keys that do not change what is trained (modnets.results.UNHASHED): a checkpoint stays valid when
+# only they differ (it may resume on another device).
+IGNORED = UNHASHED
 
 
 def pack(state: dict) -> bytes:

@@ -1,4 +1,4 @@
-"""Boolean circuits: layers of gate modules with known wiring (SPEC §1).
+"""Boolean circuits: layers of gate modules with known wiring (spec §1).
 
 A circuit is the ground truth a modular network can try to recover: its truth
 table is the dataset, its wiring is the "known routing", and the gate type of
@@ -8,6 +8,7 @@ each slot says which module of a shared library the slot should use.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,7 +90,7 @@ def circuit(n_inputs: int, *layers: list[tuple[str, tuple[int, ...]]], outputs=N
 
 _XORS = [("XOR", (0, 1)), ("XOR", (2, 3)), ("XOR", (4, 5))]
 
-# The Boolean tasks of SPEC §1, keyed by modularity.
+# The Boolean tasks of spec §1, keyed by modularity.
 PRESETS: dict[tuple[int, ...], Circuit] = {
     (6, 2, 2): circuit(6, _XORS[:2]),
     (6, 3, 2, 2): circuit(6, _XORS, [("AND", (0, 1)), ("AND", (1, 2))]),
@@ -102,7 +103,7 @@ PRESETS: dict[tuple[int, ...], Circuit] = {
 }
 
 
-# Three tasks over the same 6 inputs with gates from {XOR, OR, AND} (SPEC §1, multi-task set).
+# Three tasks over the same 6 inputs with gates from {XOR, OR, AND} (spec §1, multi-task set).
 # Task 2 reads four distinct first-layer functions, so its circuit has four first-layer gates:
 # a set containing it has the joint layer widths [6, 4, 2, 2] (see `joint_modularity`).
 MULTITASK: list[Circuit] = [
@@ -270,3 +271,52 @@ def random_layer(rng: np.random.Generator, h: np.ndarray, n: int, k: int, gates:
         seen.add((op, ins))
         layer.append(Gate(str(op), ins))
     return tuple(layer)
+
+
+GATE_SYNTAX = re.compile(r"^\s*([A-Za-z][A-Za-z0-9]*)\s*\(\s*(\d+(?:\s*,\s*\d+)*)\s*\)\s*$")
+GATE_NAMES = "AND, OR, XOR, NAND, NOR, XNOR, MAJ, PARITY or TH<t> (at least t inputs on)"
+
+
+def parse_gate(text, key: str, width: int) -> Gate:
+    """A gate written `GATE(i,j,...)` over the `width` outputs of the layer below (ConfigError naming `key`)."""
+    from modnets.config import ConfigError, check
+
+    match = GATE_SYNTAX.match(str(text))
+    if match is None:
+        raise ConfigError(key, text, 'a gate written GATE(i,j,...), e.g. "XOR(0,1)" (quote gates in YAML flow lists)')
+    op, inputs = match.group(1).upper(), tuple(int(i) for i in match.group(2).split(","))
+    check(op in GATES, key, text, f"a gate of the library: {GATE_NAMES}")
+    check(max(inputs) < width, key, text, f"input indices below {width}, the width of the layer it reads")
+    check(len(set(inputs)) == len(inputs), key, text, "distinct input indices")
+    check(not op.startswith("TH") or int(op[2:]) <= len(inputs), key, text, f"a threshold TH<t> with t <= {len(inputs)} inputs")
+    return Gate(op, inputs)
+
+
+def circuit_from_spec(n_inputs: int, layers: list, outputs: list | None = None, key: str = "task") -> Circuit:
+    """A Circuit from its config (`task=circuit`): `layers` lists, per layer, gates `"GATE(i,j,...)"`
+    over the previous layer's outputs (layer 0 reads the input bits); `outputs` picks last-layer
+    modules (default: all). Every module must be read by the next layer or be an output, and all
+    gates share one arity (the modules of a network have one input count). Errors name the key."""
+    from modnets.config import ConfigError, check
+
+    check(isinstance(n_inputs, int) and n_inputs >= 1, f"{key}.n_inputs", n_inputs, "a number of input bits >= 1")
+    check(isinstance(layers, list) and len(layers) > 0, f"{key}.layers", layers, "a non-empty list of layers of gates")
+    built, width = [], n_inputs
+    for i, layer in enumerate(layers):
+        allowed = 'a non-empty list of gates "GATE(i,j,...)"'
+        check(isinstance(layer, list) and len(layer) > 0, f"{key}.layers[{i}]", layer, allowed)
+        built.append(tuple(parse_gate(g, f"{key}.layers[{i}][{j}]", width) for j, g in enumerate(layer)))
+        width = len(layer)
+    outputs = list(range(width)) if outputs is None else outputs
+    ok = isinstance(outputs, list) and len(outputs) > 0 and all(isinstance(o, int) and 0 <= o < width for o in outputs)
+    check(ok, f"{key}.outputs", outputs, f"null or a non-empty list of last-layer module indices below {width}")
+    for i, layer in enumerate(built):
+        read = set(outputs) if i == len(built) - 1 else {u for g in built[i + 1] for u in g.inputs}
+        for j in range(len(layer)):
+            if j not in read:
+                reader = "an output (task.outputs)" if i == len(built) - 1 else f"an input of layer {i + 1}"
+                allowed = f"a module that is used: make it {reader} or remove it"
+                raise ConfigError(f"{key}.layers[{i}][{j}]", layers[i][j], allowed)
+    arities = sorted({len(g.inputs) for layer in built for g in layer})
+    check(len(arities) == 1, f"{key}.layers", layers, f"gates of one arity (got {arities}; set router.topk to it)")
+    return Circuit(int(n_inputs), tuple(built), tuple(int(o) for o in outputs))

@@ -104,11 +104,18 @@ RULES = {
     "router.tau": number(0, low_open=True, what="a positive temperature"),
     "router.lr": number(0, what="a learning rate"),
     "router.location_lr": number(0, what="a learning rate"),
+    "router.tau_end": optional(number(0, low_open=True, what="a positive temperature")),
+    "router.anneal": ((lambda v: v in ("exponential", "linear", "cosine")), "exponential, linear or cosine"),
+    "router.entropy": number(0, what="a non-negative weight"),
+    "router.duplicate": number(0, what="a non-negative weight"),
+    "router.max_sets": integer(1),
+    "router.init_scale": number(0, what="a non-negative scale"),
+    "model.init": ((lambda v: v in ("torch", "lsuv")), "torch or lsuv"),
     "task.modularity": int_list(1, min_len=2),
     "task.train_fraction": number(0, 1, low_open=True, what="a fraction"),
     "task.noise": number(0, what="a noise std"),
     "task.samples": optional(integer(3)),
-    "task.n_inputs": integer(1),
+    "task.n_inputs": optional(integer(1)),  # null for task=circuit with task.circuits
     "task.widths": optional(int_list(1, min_len=1)),
     "model.hidden": int_list(1),
     "model.num_modules": optional(int_list(1, min_len=1)),
@@ -192,7 +199,9 @@ def validate(cfg: DictConfig) -> None:
                 ok, allowed = kind
                 check(ok(value), key, value, allowed)
     trainer_keys = set()
-    for path in (Path(__file__).resolve().parent.parent / "conf" / "trainer").glob("*.yaml"):
+    from modnets import CONF_DIR
+
+    for path in (CONF_DIR / "trainer").glob("*.yaml"):
         trainer_keys |= set(OmegaConf.load(path).keys())
     for name in cfg.get("trainer", {}) if trainer_keys else ():
         if name not in trainer_keys:
@@ -294,7 +303,8 @@ def _one_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if isinstance(e, MissingConfigException) and e.options:
         name = (e.missing_cfg_file or "").strip("/")
-        return f"{name}: no such config; expected one of {', '.join(e.options)}"
+        extra = " (the joblib and submitit launchers come with pip install 'modnets[sweeps]')" if "launcher" in name else ""
+        return f"{name}: no such config; expected one of {', '.join(e.options)}{extra}"
     if isinstance(e, OverrideParseException):
         return f"{e.override}: not a valid override ({lines[0] if lines else e.message})"
     cause = e.__cause__
@@ -349,6 +359,8 @@ def check_model_memory(cfg, build_model, task, routing, replicates: int, device)
     except ConfigError:
         raise
     except Exception:  # the real build reports it
+        return
+    if not isinstance(probe, torch.nn.Module):  # the real build reports it (the model contract)
         return
     params = sum(p.numel() for p in probe.parameters())
     needed = replicates * (16 * params + 4 * sum(b.numel() for b in probe.buffers()))

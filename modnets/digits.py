@@ -1,4 +1,4 @@
-"""The digit-image task (SPEC §5): pairs of handwritten digits 0-7 through a Boolean circuit.
+"""The digit-image task (spec §5): pairs of handwritten digits 0-7 through a Boolean circuit.
 
 Each digit d is coded as 3 bits, most significant first; a pair of images (a, b) has the
 6 bits `bits(a) ++ bits(b)` and the target of the `[6,3,2,2]` circuit: XOR(a_i, b_i) for
@@ -35,7 +35,7 @@ from modnets.circuits import circuit
 from modnets.config import ConfigError, check
 from modnets.tasks import Task, split_rows
 
-# SPEC §5: XORs of the two codes bit by bit, then ANDs of neighbouring XORs.
+# spec §5: XORs of the two codes bit by bit, then ANDs of neighbouring XORs.
 CIRCUIT = circuit(6, [("XOR", (0, 3)), ("XOR", (1, 4)), ("XOR", (2, 5))], [("AND", (0, 1)), ("AND", (1, 2))])
 DIGITS = 8  # digits 0-7: 3 bits each
 MNIST_FILES = {
@@ -180,7 +180,7 @@ def DigitPairTask(
     image_train_fraction: float = 0.6,
     noise: float = 0.0,
 ) -> Task:
-    """The digit-pair task of SPEC §5 (see the module docstring for its splits)."""
+    """The digit-pair task of spec §5 (see the module docstring for its splits)."""
     check(int(samples_per_pair_train) >= 1, "task.samples_per_pair_train", samples_per_pair_train, "an integer >= 1")
     check(int(samples_per_pair_test) >= 1, "task.samples_per_pair_test", samples_per_pair_test, "an integer >= 1")
     images, labels, train_image = load_images(source, root, image_train_fraction, split_seed)

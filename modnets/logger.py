@@ -11,11 +11,12 @@ goes on: the results file, not W&B, is the record of a run. `wandb.init` gives u
 `init_timeout` seconds (no network for `online`), and after one failed start the worker opens
 no more runs, so R replicates cost one timeout, not R; `finish` waits at most `finish_timeout`
 seconds for uploads. A W&B directory on a (nearly) full disk is reported the same way.
-A value logged as a `pathlib.Path` to a .png file is logged as a `wandb.Image` of that file.
+`log_image` sends the image file's bytes and `log_table` the rows: the worker makes W&B's objects.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import queue
@@ -23,6 +24,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -44,9 +46,15 @@ def free_bytes(directory: str) -> int | None:
 
 
 class _NullRun:
-    id = None
+    id, live = None, False
 
     def log(self, metrics, step):
+        pass
+
+    def log_image(self, key, path, step):
+        pass
+
+    def log_table(self, key, columns, rows, step):
         pass
 
     def finish(self, summary=None):
@@ -54,7 +62,9 @@ class _NullRun:
 
 
 class _Run:
-    """One W&B run in the worker: `log` and `finish` queue a message and return at once."""
+    """One W&B run in the worker: every call queues a message and returns at once."""
+
+    live = True
 
     def __init__(self, logger, index: int, run_id: str, directory: str):
         self.logger, self.index, self.id, self.directory = logger, index, run_id, directory
@@ -62,14 +72,24 @@ class _Run:
     def log(self, metrics, step):
         self.logger._send({"op": "log", "run": self.index, "data": metrics, "step": step})
 
+    def log_image(self, key: str, path, step: int) -> None:
+        """An image file (its bytes are read now: the file may change afterwards)."""
+        try:
+            data = base64.b64encode(Path(path).read_bytes()).decode()
+        except OSError as e:
+            return self.logger._warn(f"W&B failed (cannot read image {path}: {e})")
+        self.logger._send({"op": "log", "run": self.index, "data": {key: {"__image__": data}}, "step": step})
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        table = {"__table__": {"columns": list(columns), "rows": rows}}
+        self.logger._send({"op": "log", "run": self.index, "data": {key: table}, "step": step})
+
     def finish(self, summary=None):
         self.logger._send({"op": "finish", "run": self.index, "summary": summary or {}})
 
 
 def _encode(value):
-    """JSON for the worker; a Path to a .png becomes an image."""
-    if isinstance(value, Path):
-        return {"__image__": str(value)}
+    """JSON for the worker: tensors and numpy numbers as floats, anything else as text."""
     return float(value) if hasattr(value, "item") else str(value)
 
 
@@ -87,8 +107,10 @@ class WandbLogger:
         init_timeout=30.0,
         finish_timeout=60.0,
         max_points=250,
+        pictures=True,
     ):
         self.max_points = int(max_points)  # W&B charts sample long histories anyway; results.json keeps them all
+        self.pictures = bool(pictures)  # circuit.png and W&B images of modular runs (false: matplotlib is never imported)
         self.mode, self.project, self.entity = mode, project, entity
         self.group, self.tags, self.job_type = group, list(tags or []), job_type
         self.init_timeout, self.finish_timeout = init_timeout, finish_timeout
@@ -238,7 +260,18 @@ def _import_wandb():
 
 
 def _decode(wandb, data: dict) -> dict:
-    return {k: wandb.Image(v["__image__"]) if isinstance(v, dict) and "__image__" in v else v for k, v in data.items()}
+    """Images (PNG bytes, base64) and tables back into W&B's objects; everything else as it is."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and "__image__" in value:
+            with tempfile.TemporaryDirectory() as tmp:  # wandb.Image copies the file into the run at once
+                path = Path(tmp) / f"{key.replace('/', '_')}.png"
+                path.write_bytes(base64.b64decode(value["__image__"]))
+                value = wandb.Image(str(path))
+        elif isinstance(value, dict) and "__table__" in value:
+            value = wandb.Table(columns=value["__table__"]["columns"], data=value["__table__"]["rows"])
+        out[key] = value
+    return out
 
 
 def _init(wandb, kwargs: dict, timeouts: dict):

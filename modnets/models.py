@@ -1,4 +1,4 @@
-"""Dense and hierarchically modular networks (SPEC §3), every parameter stacked over replicates.
+"""Dense and hierarchically modular networks (spec §3), every parameter stacked over replicates.
 
 All models map inputs [R, B, ...] and task ids [R, B] to output logits [R, B, n_outputs]:
 R replicates (independent networks, one seed each) run as one batched model, and the
@@ -18,13 +18,7 @@ from torch.utils.flop_counter import flop_registry
 
 from modnets.circuits import Circuit, joint_library
 from modnets.config import ConfigError, check
-from modnets.routers import (
-    InputRouter,
-    LocationRouter,
-    Routing,
-    known_input_logits,
-    known_location_logits,
-)
+from modnets.routers import InputRouter, LocationRouter, Routed, Router
 
 
 def stacked(generators: list[torch.Generator], draw) -> torch.Tensor:
@@ -34,10 +28,6 @@ def stacked(generators: list[torch.Generator], draw) -> torch.Tensor:
 
 def uniform(shape, bound: float):
     return lambda g: torch.empty(shape).uniform_(-bound, bound, generator=g)
-
-
-def normal(shape):
-    return lambda g: torch.randn(shape, generator=g)
 
 
 class ModuleBank(nn.Module):
@@ -81,13 +71,41 @@ class ModuleBank(nn.Module):
                 x = torch.relu(x)
         return x
 
+    @torch.no_grad()
+    def normalise(self, x: torch.Tensor, masks=None) -> torch.Tensor:
+        """LSUV on inputs x [R, B, n, in]: scale each layer so that every hidden pre-activation has
+        variance 1 over the B rows and shift the output layer to mean 0; returns the new outputs."""
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            z = torch.einsum("rbni,rnio->rbno", x, w * masks[i] if masks is not None else w) + b.unsqueeze(1)
+            std = z.std(1).clamp_min(1e-3)  # [R, n, out]
+            w /= std.unsqueeze(2)
+            b /= std
+            if i == last:
+                b -= (z.mean(1) / std)
+            x = z / std.unsqueeze(1) - (z.mean(1, keepdim=True) / std.unsqueeze(1) if i == last else 0)
+            if i < last:
+                x = torch.relu(x)
+        return x
+
+
+def candidates(apply, routed: Routed) -> torch.Tensor:
+    """Consumers on their routed inputs: apply(x [R, B', n, k]) -> [R, B', n] on every candidate
+    input set, outputs summed with the candidate weights (one hard or mixed set: applied once)."""
+    x, weights = routed
+    if weights is None:
+        return apply(x[:, :, 0])
+    R, B, C = x.shape[:3]
+    out = apply(x.reshape(R, B * C, *x.shape[3:])).view(R, B, C, -1)
+    return (out * weights).sum(2)
+
 
 class MLP(nn.Module):
     """Dense baseline: Linear+ReLU layers and a linear head, with an optional fixed random
     pruning mask removing `prune_percent` percent of all weights. Multi-task inputs carry
-    the task id as a one-hot vector."""
+    the task id as a one-hot vector. `init`: `torch` (default) or `lsuv` (as `ModularNet`)."""
 
-    def __init__(self, task, routing: Routing | None, generators, hidden=(36, 36, 36), prune_percent=0.0):
+    def __init__(self, task, routing: Router | None, generators, hidden=(36, 36, 36), prune_percent=0.0, init="torch"):
         super().__init__()
         check(routing is None or not routing.known, "router", "known", "router=learned: a dense model has no routing to fix")
         self.n_tasks = task.n_tasks
@@ -108,13 +126,22 @@ class MLP(nn.Module):
         self.masks = masks
         for i, m in enumerate(masks or []):
             self.register_buffer(f"mask{i}", m)
+        check(init in ("torch", "lsuv"), "model.init", init, "torch or lsuv")
+        if init == "lsuv" and not self.net.weights[0].is_meta:
+            rows = task.splits["train"]
+            x, R = task.x[rows], len(generators)
+            self.net.normalise(self.inputs(x.expand(R, *x.shape), task.task_id[rows].expand(R, -1)), self.masks)
 
-    def forward(self, x, task_id, noise=None):
+    def inputs(self, x, task_id):
+        """The network's input [R, B, 1, features]: flattened, with the task id one-hot when several."""
         x = x.flatten(2)
         if self.n_tasks > 1:
             x = torch.cat([x, nn.functional.one_hot(task_id, self.n_tasks).to(x.dtype)], dim=2)
+        return x.unsqueeze(2)
+
+    def forward(self, x, task_id, noise=None):
         masks = [getattr(self, f"mask{i}") for i in range(len(self.net.weights))] if self.masks else None
-        return self.net(x.unsqueeze(2), masks).squeeze(2)
+        return self.net(self.inputs(x, task_id), masks).squeeze(2)
 
     def routing_summary(self) -> list[dict]:
         return [{} for _ in range(self.net.weights[0].shape[0])]
@@ -126,22 +153,25 @@ class ModularNet(nn.Module):
     `shared=False`: one module per slot. `shared=True`: a library of `library_size` modules
     shared by all layers, each slot picking one through a location router. Layer widths
     (`num_modules`) default to the task's structure; an output router picks the task's output
-    bits from the last layer (or from all layers with `skip_output`).
+    bits from the last layer (or from all layers with `skip_output`). `init`: `torch` (the
+    original, torch.nn.Linear's uniform init) or `lsuv` (signal-preserving, see `lsuv`).
+    Routers come from the router method (`routing`); the model never names a router class.
     """
 
     def __init__(
         self,
         task,
-        routing: Routing,
+        routing: Router,
         generators,
         num_modules=None,
         hidden=(12,),
         shared=False,
         library_size=None,
         skip_output=False,
+        init="torch",
     ):
         super().__init__()
-        R, T, k = len(generators), task.n_tasks, int(routing.topk)
+        T, k = task.n_tasks, int(routing.topk)
         image_task = len(getattr(task, "x", torch.empty(0, 0)).shape) > 2  # the circuit of an ImageModularNet has no x
         check(not image_task, "model", "ModularNet", "model=image_modular or image_shared for an image task")
         circuits: list[Circuit] | None = task.circuits
@@ -169,11 +199,8 @@ class ModularNet(nn.Module):
         allowed = f"a last layer of at least {task.n_outputs} modules (one per output bit)"
         check(task.n_outputs <= read_by_output, "model.num_modules", num_modules, allowed)
 
-        def router(width, consumers, arity, truth):
-            logits = stacked(generators, normal((T, width, consumers)))
-            if truth is not None:
-                logits = known_input_logits((T, width, consumers), truth).expand(R, -1, -1, -1).clone()
-            return InputRouter(logits, arity, routing.tau, routing.gumbel, fixed=truth is not None)
+        def router(width, consumers, arity, truth, sets=True):
+            return routing.input_router(generators, (T, width, consumers), arity, truth=truth, sets=sets)
 
         self.shared, self.skip_output = bool(shared), bool(skip_output)
         arch = [k, *map(int, hidden), 1]
@@ -193,31 +220,60 @@ class ModularNet(nn.Module):
             truth = [c.routing[i] for c in circuits] if routing.known_inputs else None
             self.routers.append(router(w, n, k, truth))
             if self.shared:
-                logits = stacked(generators, normal((T, library_size, n)))
-                if routing.known_locations:
-                    truth = [s[i] for s in slots]
-                    logits = known_location_logits((T, library_size, n), truth).expand(R, -1, -1, -1).clone()
-                self.locations.append(LocationRouter(logits, routing.tau, routing.gumbel, routing.known_locations))
+                truth = [s[i] for s in slots] if routing.known_locations else None
+                self.locations.append(routing.location_router(generators, (T, library_size, n), truth=truth))
             else:
                 self.banks.append(ModuleBank(generators, n, arch))
         offset = sum(num_modules[:-1]) if skip_output else 0
         truth = [[[offset + o for o in c.outputs]] for c in circuits] if routing.known_outputs else None
-        self.output_router = router(read_by_output, 1, task.n_outputs, truth)
+        self.output_router = router(read_by_output, 1, task.n_outputs, truth, sets=False)
         self.noise_per_sample = routing.per_sample
+        self.routing = routing  # the router method: the trainer calls its schedule and loss
+        check(init in ("torch", "lsuv"), "model.init", init, "torch or lsuv")
+        check(init == "torch" or not self.shared, "model.init", init, "torch for shared modules (lsuv: shared=false)")
+        if init == "lsuv" and not self.routers[0].logits.is_meta:
+            self.lsuv(task)
 
-    def forward(self, x, task_id, noise=None):
+    def layers(self, x, task_id, noise=None) -> list[torch.Tensor]:
+        """The outputs [R, B, n] of every module layer."""
         noise = noise or {}
         h, outputs = x, []
         for i, router in enumerate(self.routers):
-            inputs = router(h, task_id, noise.get(f"routers.{i}"))  # [R, B, n, k]
+            routed = router(h, task_id, noise.get(f"routers.{i}"))
             if self.shared:
                 scores = self.locations[i](task_id, noise.get(f"locations.{i}"))  # [R, B|1, library, n]
-                h = torch.einsum("rbnl,rbln->rbn", self.bank.every_module(inputs).squeeze(-1), scores)
+                h = candidates(lambda x, s=scores: self.mix(x, s), routed)
             else:
-                h = self.banks[i](inputs).squeeze(-1)
+                h = candidates(lambda x, bank=self.banks[i]: bank(x).squeeze(-1), routed)
             outputs.append(h)
-        h = torch.cat(outputs, dim=2) if self.skip_output else h
-        return self.output_router(h, task_id, noise.get("output_router"))[:, :, 0, :]
+        return outputs
+
+    def mix(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Shared library on slot inputs x [R, B', slots, k], weighted by module scores
+        [R, B|1, library, slots] (B' = B x candidates: each sample's scores serve all its candidates)."""
+        if scores.shape[1] not in (1, x.shape[1]):
+            scores = scores.repeat_interleave(x.shape[1] // scores.shape[1], 1)
+        return torch.einsum("rbnl,rbln->rbn", self.bank.every_module(x).squeeze(-1), scores)
+
+    def forward(self, x, task_id, noise=None):
+        outputs = self.layers(x, task_id, noise)
+        h = torch.cat(outputs, dim=2) if self.skip_output else outputs[-1]
+        return self.output_router(h, task_id, (noise or {}).get("output_router")).x[:, :, 0, 0, :]
+
+    @torch.no_grad()
+    def lsuv(self, task) -> None:
+        """Data-dependent init (Mishkin & Matas, "All you need is a good init", ICLR 2016), layer by
+        layer on the training rows with the initial hard routing: every hidden unit's
+        pre-activation gets variance 1 and every module's output mean 0 and variance 1 over those
+        rows, so the signal reaching the output does not shrink (or grow) with depth."""
+        rows = task.splits["train"]
+        R = self.routers[0].logits.shape[0]
+        h, tid = task.x[rows].expand(R, -1, -1), task.task_id[rows].expand(R, -1)
+        was = self.training
+        self.eval()
+        for router, bank in zip(self.routers, self.banks):
+            h = bank.normalise(router(h, tid).x[:, :, 0]).squeeze(-1)
+        self.train(was)
 
     def routing_summary(self) -> list[dict]:
         """Per replicate, the noise-free routing: input indices per layer, output picks, locations."""
@@ -242,7 +298,7 @@ def router_kinds(model: nn.Module) -> dict:
     return kinds
 
 
-def parameter_groups(model: nn.Module, routing: Routing | None, lr: float) -> list[dict]:
+def parameter_groups(model: nn.Module, routing: Router | None, lr: float) -> list[dict]:
     """Trainable parameters in three groups with their own learning rates: module weights (`lr`),
     input/output routers (`router.lr`) and location routers (`router.location_lr`)."""
     groups = {"modules": [], "input_routers": [], "location_routers": []}

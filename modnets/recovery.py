@@ -15,6 +15,13 @@ Three metrics per replicate, each averaged over the task's circuits (sub-tasks),
   unscaled, so XOR and XNOR, AND and NAND are the same feature). The gates are symmetric, so the
   order of a module's inputs does not matter.
 
+- `exact_structure`: 1.0 when every true module's input set and every output pick equal the
+  circuit's up to relabelling of modules (input_routing and output_routing both 1), else 0.0
+  (the mean over a task set's circuits: the fraction of tasks recovered exactly).
+- `sub_functions`: fraction of the circuit's intermediate functions (every gate of every layer)
+  that some module of the model (any layer) computes on the task's rows, up to negation: its
+  output on those rows separates the rows where the gate is 1 from those where it is 0.
+
 Baselines: `random` holds the expected value of each metric for uniformly random routers (Monte
 Carlo through the same matching) and for modules whose 2^k outputs are in random order (exact);
 `init` (added by the trainer) is the untrained model.
@@ -121,7 +128,9 @@ def recover(routing: dict, circuits: list[Circuit], tables=None, skip_output: bo
                     row = table[routing["locations"][i][t][j] if shared else j]
                     spec.append(separates(np.asarray(row), gate_table(op, len(layer[true].inputs))))
     n_modules = sum(len(layer) for c in circuits for layer in c.layers)
+    exact = [float(all(f == 1 for f in fr) and o == 1) for fr, o in zip(layer_fracs, out_frac)]
     result = {
+        "exact_structure": float(np.mean(exact)),
         "input_routing": float(np.mean(routing_frac)),
         "input_routing_layers": [float(x) for x in np.mean(layer_fracs, 0)] if len({len(f) for f in layer_fracs}) == 1 else None,
         "output_routing": float(np.mean(out_frac)),
@@ -173,7 +182,7 @@ def applicable(model, task) -> bool:
         len(arity) == 1
         and arity.pop() == int(model.routers[0].k)
         and all(len(c.layers) == len(model.routers) for c in circuits)
-        and model.routers[0].logits.shape[2] == circuits[0].n_inputs
+        and model.routers[0].width == circuits[0].n_inputs
     )
 
 
@@ -183,12 +192,45 @@ def measure(model, task) -> list[dict] | None:
         return None
     tables = module_tables(model)
     skip = bool(getattr(model, "skip_output", False))
-    return [recover(s, task.circuits, t, skip) for s, t in zip(model.routing_summary(), tables)]
+    subs = sub_functions(model, task)
+    return [recover(s, task.circuits, t, skip) | {"sub_functions": f} for s, t, f in zip(model.routing_summary(), tables, subs)]
+
+
+def gate_values(circuit: Circuit, x: np.ndarray) -> np.ndarray:
+    """Every gate's value [rows, gates] (layer by layer) on inputs x [rows, n_inputs] (0/1)."""
+    h, values = np.asarray(x, dtype=np.uint8), []
+    for layer in circuit.layers:
+        h = np.stack([GATES[g.op](h[:, list(g.inputs)]) for g in layer], 1).astype(np.uint8) & 1
+        values.append(h)
+    return np.concatenate(values, 1)
+
+
+@torch.no_grad()
+def sub_functions(model, task) -> list[float]:
+    """Per replicate, the mean over circuits of the fraction of its gates that some module computes
+    (up to negation) on the rows of the circuit's task, with the hard (evaluation) routing."""
+    R = model.routers[0].logits.shape[0]
+    was = model.training
+    model.eval()
+    outputs = torch.cat(model.layers(task.x.expand(R, *task.x.shape), task.task_id.expand(R, -1)), 2)  # [R, rows, M]
+    model.train(was)
+    per_circuit = []
+    for t, c in enumerate(task.circuits):
+        rows = (task.task_id == t).nonzero().flatten()
+        truth = torch.from_numpy(gate_values(c, task.x[rows].round().cpu().numpy())).bool().to(outputs.device)
+        o = outputs[:, rows, :, None]  # [R, rows, M, 1]
+        ones, zeros = truth[None, :, None, :], ~truth[None, :, None, :]  # [1, rows, 1, G]
+        inf = torch.tensor(float("inf"), device=o.device)
+        hi1, lo1 = torch.where(ones, o, -inf).amax(1), torch.where(ones, o, inf).amin(1)  # [R, M, G]
+        hi0, lo0 = torch.where(zeros, o, -inf).amax(1), torch.where(zeros, o, inf).amin(1)
+        found = ((lo1 > hi0) | (hi1 < lo0)).any(1).float().mean(1)  # [R]: constant gates count as found
+        per_circuit.append(found)
+    return torch.stack(per_circuit).mean(0).cpu().tolist()
 
 
 def describe(model, task) -> dict:
     """The shape of a model's routing, the key of its random baseline."""
-    widths = [int(r.logits.shape[3]) for r in model.routers]
+    widths = [int(r.consumers) for r in model.routers]
     library = int(model.bank.weights[0].shape[1]) if model.shared else 0
     return {
         "widths": tuple(widths),

@@ -35,6 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str | None:
+    """The commit of the modnets checkout this package runs from; None for an installed copy
+    (site-packages is no checkout, even when it sits inside some other git repository)."""
+    if not ((ROOT / ".git").exists() and (ROOT / "pyproject.toml").is_file() and (ROOT / "conf").is_dir()):
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None
@@ -58,6 +62,24 @@ def dumps(data: dict) -> str:
             body = json.dumps(value)
         lines.append(f" {json.dumps(key)}: {body}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def arch_label(config: dict) -> str:
+    """mlp, modular/shared + known/known outputs or the router method (learned, gumbel, soft, ...), from a resolved config."""
+    model, router = config.get("model", {}), config.get("router", {})
+    target = str(model.get("_target_", ""))
+    if "MLP" in target or "modular" not in target.lower() and "Modular" not in target:
+        return target.rsplit(".", 1)[-1].lower() or "model"
+    kind = "shared" if model.get("shared") else "modular"
+    known = [router.get("known_inputs"), router.get("known_outputs")] + (
+        [router.get("known_locations")] if kind == "shared" else []
+    )
+    if all(known):
+        return f"{kind} known"
+    if router.get("known_outputs") and not any(known[:1] + known[2:]):
+        return f"{kind} known outputs"
+    method = str(router.get("_target_", "")).rsplit(".", 1)[-1].lower() or "learned"  # the router method's class
+    return f"{kind} gumbel" if method == "learned" and router.get("gumbel") else f"{kind} {method}"
 
 
 def warn(message: str) -> None:
@@ -195,10 +217,19 @@ def output_dirs(out: Path, seeds: list[int]) -> list[Path]:
     return [out] if len(seeds) == 1 else [out / f"seed_{s}" for s in seeds]
 
 
-# Resumable sweeps. A run is identified by the hash of its replicate's resolved config, without the
-# keys below (where it writes, how it logs); a job whose every replicate already has a results file
-# with that hash and a final status is skipped, so a relaunched sweep runs only what is missing.
-UNHASHED = ("output_dir", "logger", "trainer.progress", "trainer.threads", "trainer.checkpoint_every")
+# The config keys that do not change what a run computes: where it writes, how it logs and reports,
+# on which device, threads and evaluation chunks it runs, how often it checkpoints. The one list:
+# the results hash (a relaunched sweep skips a job whose every replicate has a results file with
+# this hash and a final status), the checkpoint fingerprint and the aggregator's grouping all ignore them.
+UNHASHED = (
+    "output_dir",
+    "logger",
+    "trainer.progress",
+    "trainer.threads",
+    "trainer.checkpoint_every",
+    "trainer.device",
+    "trainer.eval_batch_size",
+)
 FINAL = ("completed", "diverged")
 
 

@@ -1,4 +1,4 @@
-"""Tasks: whole datasets as tensors, named splits as index tensors (SPEC §1-2).
+"""Tasks: whole datasets as tensors, named splits as index tensors (spec §1-2).
 
 A task is everything the trainer and the models need to know about the data:
 
@@ -17,8 +17,18 @@ import itertools
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from modnets.circuits import MULTITASK, PRESETS, Circuit, bits, default_widths, joint_modularity, random_circuit
+from modnets.circuits import (
+    MULTITASK,
+    PRESETS,
+    Circuit,
+    bits,
+    circuit_from_spec,
+    default_widths,
+    joint_modularity,
+    random_circuit,
+)
 from modnets.config import ConfigError
 
 
@@ -54,7 +64,7 @@ class Task:
 
 
 def split_rows(n_rows: int, train_fraction: float, seed: int) -> dict[str, torch.Tensor]:
-    """SPEC §2: a seeded permutation; `int(n * f)` train rows, the rest halved into val and test."""
+    """spec §2: a seeded permutation; `int(n * f)` train rows, the rest halved into val and test."""
     if not 0.0 < train_fraction < 1.0:
         raise ConfigError("task.train_fraction", train_fraction, "a fraction strictly between 0 and 1")
     perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
@@ -118,7 +128,7 @@ def BooleanTask(
     noise: float = 0.0,
     table_seed: int = 0,
 ) -> Task:
-    """The Boolean task of SPEC §1 with this modularity (`[6, 2]`: a random table, no structure)."""
+    """The Boolean task of spec §1 with this modularity (`[6, 2]`: a random table, no structure)."""
     key = tuple(int(m) for m in modularity)
     name = "bool_" + "_".join(map(str, key))
     if len(key) == 2:
@@ -138,7 +148,7 @@ def MultiTask(
     split_seed: int = 40,
     noise: float = 0.0,
 ) -> Task:
-    """The multi-task set of SPEC §1 (`tasks` picks from its three circuits, e.g. [0, 2]):
+    """The multi-task set of spec §1 (`tasks` picks from its three circuits, e.g. [0, 2]):
     each task's table split the same way, rows tagged with their position in `tasks`."""
     picked = [int(t) for t in tasks]
     ok = len(picked) > 0 and len(set(picked)) == len(picked) and all(0 <= t < len(MULTITASK) for t in picked)
@@ -169,6 +179,8 @@ def RandomCircuitTask(
     at least 2^n_inputs; else `samples` distinct rows drawn without replacement (seeded by
     `split_seed`), so that train, val and test are disjoint sets of inputs.
     """
+    if n_inputs is None:
+        raise ConfigError("task.n_inputs", n_inputs, "an integer >= 1")
     n, k = int(n_inputs), int(arity)
     if widths is None:
         if int(depth) < 1:
@@ -203,3 +215,44 @@ def distinct_rows(rng: np.random.Generator, m: int, n: int) -> np.ndarray:
         _, first = np.unique(np.packbits(x, axis=1), axis=0, return_index=True)
         x = x[np.sort(first)]
     return x
+
+
+def CircuitTask(
+    n_inputs: int | None = None,
+    layers: list | None = None,
+    outputs: list[int] | None = None,
+    circuits: list | None = None,
+    name: str = "circuit",
+    train_fraction: float = 0.8,
+    split_seed: int = 40,
+    noise: float = 0.0,
+) -> Task:
+    """A circuit you write yourself (`task=circuit`, docs/multitask.md): `n_inputs`, `layers` of gates
+    `"GATE(i,j,...)"`, optional `outputs`; or `circuits`, a list of such {n_inputs, layers, outputs}
+    for a multi-task set (equal inputs, depth and outputs; task ids in list order). The whole truth
+    table, split and noised like the presets; known routing and the shared library come from it."""
+    plain = lambda v: OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v  # noqa: E731
+    layers, outputs, circuits = plain(layers), plain(outputs), plain(circuits)
+    if circuits is None:
+        if layers is None:
+            raise ConfigError("task.layers", layers, 'a list of layers of gates "GATE(i,j,...)" (or task.circuits)')
+        built = [circuit_from_spec(n_inputs, layers, outputs, "task")]
+    else:
+        if layers is not None or n_inputs is not None:
+            raise ConfigError("task.circuits", "...", "either task.circuits or task.n_inputs/layers/outputs, not both")
+        if not isinstance(circuits, list) or not circuits or not all(isinstance(c, dict) for c in circuits):
+            raise ConfigError("task.circuits", circuits, "a non-empty list of {n_inputs, layers, outputs}")
+        for t, c in enumerate(circuits):
+            if set(c) - {"n_inputs", "layers", "outputs"}:
+                raise ConfigError(f"task.circuits[{t}]", sorted(c), "keys n_inputs, layers and outputs")
+        built = [
+            circuit_from_spec(c.get("n_inputs"), c.get("layers"), c.get("outputs"), f"task.circuits[{t}]")
+            for t, c in enumerate(circuits)
+        ]
+        shapes = [c.modularity for c in built]
+        same_ends = len({(s[0], len(s), s[-1]) for s in shapes}) == 1 and len({c.arity for c in built}) == 1
+        if not same_ends:
+            raise ConfigError("task.circuits", shapes, "circuits of equal inputs, depth, outputs and gate arity")
+    if built[0].n_inputs > 20:
+        raise ConfigError("task.n_inputs", built[0].n_inputs, "at most 20 inputs (the whole truth table is the dataset)")
+    return tabulate(built, train_fraction, split_seed, noise, str(name))

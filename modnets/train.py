@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import modnets
-from modnets import checkpoint, recovery, routers
+from modnets import checkpoint, draw, recovery, routers
 from modnets.checkpoint import NAME as CHECKPOINT
 from modnets.checkpoint import Checkpointer
 from modnets.config import (
@@ -37,11 +37,13 @@ from modnets.config import (
     sanity_warnings,
     validate,
 )
+from modnets.contracts import Model
 from modnets.models import count_flops, count_parameters, parameter_groups
 from modnets.optim import ExponentialLR
 from modnets.results import (
     FolderBusy,
     RunError,
+    arch_label,
     best_entry,
     clear_failure,
     config_hash,
@@ -57,9 +59,9 @@ from modnets.results import (
     warn,
     write_json,
 )
+from modnets.tasks import Task
 
 METRICS = ("loss", "acc", "exact")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,9 +96,10 @@ class Evaluator:
         self.counts = self.membership.sum(1)[:, None]  # sums of 0/1 then one division: 13/13 is exactly 1
 
     @torch.no_grad()
-    def __call__(self, model, replicates: int) -> torch.Tensor:
-        """Metrics [R, splits, 3] (loss, acc, exact), on the device."""
-        model.eval()
+    def __call__(self, model, replicates: int, hard: bool = True) -> torch.Tensor:
+        """Metrics [R, splits, 3] (loss, acc, exact), on the device. `hard=False`: the routers'
+        training-mode forward without noise (a soft router's mixture), for the discretisation gap."""
+        model.train(not hard)
         per_row = []
         for rows in self.rows.split(self.batch_size):
             x = self.task.x[rows]
@@ -113,6 +116,16 @@ class Evaluator:
     def keys(self) -> list[str]:
         """The metric names in the order of metrics[r].flatten(): split_metric."""
         return [f"{split}_{m}" for split in self.names for m in METRICS]
+
+    def discretisation_gap(self, model, replicates: int) -> list[dict[str, float]] | None:
+        """Per replicate, soft minus hard accuracy (train and held-out rows) of a soft router
+        method at its final temperature; None for methods whose training forward is hard."""
+        method = getattr(model, "routing", None)
+        if method is None or not method.soft:
+            return None
+        gap = (self(model, replicates, hard=False) - self(model, replicates))[:, :, 1].cpu().tolist()
+        return [{f"discretisation_gap_{split}": g[s] for s, split in enumerate(self.names) if split in ("train", "heldout")}
+                for g in gap]
 
     def as_dicts(self, metrics: torch.Tensor) -> list[dict[str, float]]:
         return [dict(zip(self.keys, chain.from_iterable(v))) for v in metrics.cpu().tolist()]
@@ -197,6 +210,7 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     steps = math.ceil(n_train / batch)
     noise_shapes = routers.noise_shapes(model)
     per_sample = bool(getattr(model, "noise_per_sample", False))
+    method = getattr(model, "routing", None)  # the router method: temperature schedule, extra loss terms
     last_finite = LastFinite(model, R)
     saver = Checkpointer(cfg, model, optimizer, scheduler, generators, extra_state, last_finite)
     start = saver.resume()
@@ -205,6 +219,9 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     saver.restore_extra()
     diverged = saver.diverged
     for epoch in range(start + 1, int(tr.epochs) + 1):
+        progress = (epoch - 1) / max(1, int(tr.epochs) - 1)
+        if method is not None:
+            method.schedule(model, progress)
         epoch_loss = torch.zeros(R, device=task.x.device)
         order, x_noise, r_noise = draw_epoch(
             generators, n_train, task.x.shape[1:], task.noise, noise_shapes, steps, per_sample, task.x.device
@@ -218,10 +235,12 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
                 x = x + x_noise[:, part]
             noise = {k: v[:, part] if per_sample else v[:, s : s + 1] for k, v in r_noise.items()}
             logits = model(x, task.task_id[idx], noise)
-            losses = F.binary_cross_entropy_with_logits(logits, task.y[idx], reduction="none").mean((1, 2))
+            per_output = F.binary_cross_entropy_with_logits(logits, task.y[idx], reduction="none")
+            losses = per_output.mean((1, 2))
             epoch_loss += losses.detach()  # NaN and inf stick: checked once per epoch, no sync per step
+            extra = method.loss(model, per_output, progress) if method is not None else None
             optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
+            (losses.sum() if extra is None else losses.sum() + extra.sum()).backward()
             optimizer.step()
         scheduler.step()
         due = epoch % int(tr.eval_every) == 0 or epoch == int(tr.epochs)
@@ -281,10 +300,14 @@ def build(cfg: DictConfig):
         check_memory(f"a task of {rows:,} rows", key, value, needed, device)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     task = instantiate(cfg.task, _partial_=True)()
+    allowed = "a callable returning a modnets.tasks.Task (docs/extending.md)"
+    check(isinstance(task, Task), "task._target_", cfg.task._target_, allowed)
     routing = instantiate(cfg.router, _partial_=True)()
     build_model = instantiate(cfg.model, _partial_=True)
     check_model_memory(cfg, build_model, task, routing, len(seeds), device)
     model = build_model(task=task, routing=routing, generators=generators)
+    allowed = "a callable returning an nn.Module with forward(x, task_id, noise) and routing_summary() (docs/extending.md)"
+    check(isinstance(model, torch.nn.Module) and isinstance(model, Model), "model._target_", cfg.model._target_, allowed)
     model.to(device)
     task.to(device)
     optimizer = instantiate(cfg.optimizer)(parameter_groups(model, routing, float(cfg.optimizer.lr)))
@@ -307,20 +330,25 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace, logger) -> SimpleNamespace:
     tags = [task.name, type(model).__name__.lower(), *(["sweep"] if in_sweep() else [])]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(configs, seeds, dirs)]
-    return SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, logger=logger)
+    shown = [c | {"arch": arch_label(c), "task_name": task.name} for c in configs]  # W&B only: keys to group runs by
+    runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(shown, seeds, dirs)]
+    logs = SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, group=logger.group or group)
+    logs.logger = logger
+    logs.pictures = draw.Pictures(logger.pictures, model, task, logs)
+    return logs
 
 
 class Recorder:
     """What happens at each evaluation: every replicate's history and W&B metrics, structure
-    recovery about ten times per run, and a progress line about every tenth of training.
+    recovery about ten times per run (and the circuit picture at every other one of them), and a
+    progress line about every tenth of training.
 
     The metrics stay on the device until something needs them on the host (a W&B point, a
     progress line); `histories` are built once, after training, from all evaluations at once."""
 
     def __init__(self, cfg: DictConfig, b: SimpleNamespace, evaluator: Evaluator, logs: SimpleNamespace):
         tr = cfg.trainer
-        self.model, self.task, self.evaluator, self.runs = b.model, b.task, evaluator, logs.runs
+        self.model, self.task, self.evaluator, self.runs, self.pictures = b.model, b.task, evaluator, logs.runs, logs.pictures
         self.epochs, self.progress = int(tr.epochs), bool(tr.progress)
         self.logging = any(run.id is not None for run in logs.runs)  # W&B is on
         n_evals = int(tr.epochs) // int(tr.eval_every)
@@ -331,10 +359,11 @@ class Recorder:
         self.recovery_init = recovery.measure(b.model, b.task)  # the untrained model, a baseline
         self.recovery_history = [[] for _ in b.seeds] if self.recovery_init is not None else None
         self.last_recovery = (None, None)  # (epoch, recovery of every replicate) of the latest measurement
+        self.epoch = 0
 
     def __call__(self, epoch: int, metrics: torch.Tensor) -> None:
         self.evals.append((epoch, metrics))
-        last = epoch == self.epochs
+        last, self.epoch = epoch == self.epochs, epoch
         log = self.logging and (epoch % self.log_every == 0 or last)
         show = self.progress and (epoch % self.every == 0 or last)
         rows = self.evaluator.as_dicts(metrics) if log or show else None
@@ -345,6 +374,8 @@ class Recorder:
             for h, wandb_run, rec in zip(self.recovery_history, self.runs, self.last_recovery[1]):
                 h.append({"epoch": epoch, **rec})
                 wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
+        if epoch % (2 * self.every) == 0 and not last:  # every other recovery checkpoint; the last one with the results
+            self.pictures.checkpoint(self.model, self.task, epoch)
         if show:
             print(progress_line(epoch, self.epochs, rows), flush=True)
 
@@ -380,13 +411,19 @@ def write_results(
     params = count_parameters(model, len(seeds))
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
+    modules = draw.modules_json(model, task.circuits) or [None] * len(seeds)
+    circuits = [draw.circuit_json(c) for c in task.circuits] if task.circuits else None
     epoch, measured = recorder.last_recovery  # measured after the last epoch: still the weights when none diverged
     if epoch != int(cfg.trainer.epochs) or diverged:  # (a diverged replicate's weights were put back since)
         measured = recovery.measure(model, task)
     recoveries = recovery.with_baselines(model, task, measured, recorder.recovery_init)
+    majority = majority_baseline(task)
+    gaps = recorder.evaluator.discretisation_gap(model, len(seeds))  # soft router methods only
+    if recoveries is not None and gaps is not None:
+        recoveries = [r | g for r, g in zip(recoveries, gaps)]
     commit = git_commit()
     results = []
-    for r, (history, wandb_run) in enumerate(zip(recorder.histories, logs.runs)):
+    for r, (d, history, wandb_run) in enumerate(zip(logs.dirs, recorder.histories, logs.runs)):
         if r in diverged:  # keep the evaluations before the epoch whose training loss was NaN or inf
             history[:] = [h for h in history if h["epoch"] < diverged[r]]
             if recorder.recovery_history is not None:
@@ -403,7 +440,10 @@ def write_results(
             "params": params,
             "flops": flops,
             "routing": routings[r],
+            "circuits": circuits,
+            "modules": modules[r],
             "recovery": recoveries and {**recoveries[r], "history": recorder.recovery_history[r]},
+            "majority": majority,
             "config_hash": config_hash(logs.configs[r]),
             "train_time_s": times["train"] - times["open_runs"],
             "wall_time_s": time.time() - times["start"],
@@ -411,7 +451,9 @@ def write_results(
             "modnets_version": modnets.__version__,
             "git_commit": commit,
             "wandb_id": wandb_run.id,
+            "wandb_group": logs.group if wandb_run.id else None,  # the W&B group it logged to (aggregate.py --wandb)
         }
+        logs.pictures.finish(result, d, wandb_run, step=max(recorder.epoch, 1))
         summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
@@ -423,7 +465,7 @@ def write_results(
     written = []
     for d, result in zip(logs.dirs, results):
         if started is not None and result["wandb_id"] not in started:
-            result["wandb_id"] = None  # W&B could not start this run
+            result["wandb_id"], result["wandb_group"] = None, None  # W&B could not start this run
         result["timings_s"] = phases(times)
         try:
             written.append(write_json(d / "results.json", result))
@@ -436,6 +478,39 @@ def phases(times: dict) -> dict[str, float]:
     """Seconds of each phase of a run so far, from the time stamps taken at the end of each."""
     names, stamps = list(times), list(times.values())
     return {name: round(b - a, 4) for name, a, b in zip(names[1:], stamps, stamps[1:])}
+
+
+def majority_baseline(task) -> dict[str, float]:
+    """Per split, the bit accuracy of always answering each output's most frequent training value
+    (ties: 0): what a model that learned nothing but the output rates scores."""
+    guess = (task.y[task.splits["train"]].mean(0) > 0.5).float()
+    return {f"{name}_acc": float((task.y[rows] == guess).float().mean()) for name, rows in task.splits.items()}
+
+
+def run_label(cfg: DictConfig) -> str:
+    """What a run is, for its summary line: a sweep job's overrides, else the config group choices."""
+    if not HydraConfig.initialized():
+        return "run"
+    hc = HydraConfig.get()
+    if in_sweep() and hc.job.override_dirname:
+        return hc.job.override_dirname
+    choices = hc.runtime.choices
+    groups = ("experiment", "arch", "task", "model", "router")
+    return " ".join(f"{g}={choices[g]}" for g in groups if choices.get(g) not in (None, "null"))
+
+
+def summary_line(results: list[dict], label: str, out: str) -> str:
+    """One line at the end of a run: held-out accuracy over its seeds against the majority answer."""
+    done = [r for r in results if r.get("final")]
+    if not done:
+        return f"modnets: {label}: no finished evaluation (see {out})"
+    acc = torch.tensor([r["final"]["heldout_acc"] for r in done], dtype=torch.float64)
+    exact = sum(r["final"]["heldout_exact"] for r in done) / len(done)
+    spread = f" ± {acc.std().item():.3f}" if len(done) > 1 else ""
+    seeds = f"{len(done)} seeds" if len(done) > 1 else f"seed {done[0]['config']['seed']}"
+    line = f"modnets: {label}: held-out accuracy {acc.mean().item():.3f}{spread} (all bits right {exact:.3f}), {seeds}"
+    majority = done[0].get("majority", {}).get("heldout_acc")
+    return line + (f"; majority answer {majority:.3f}" if majority is not None else "") + f"  -> {out}"
 
 
 def kept(cfg: DictConfig) -> str:
@@ -511,12 +586,15 @@ def failed(cfg: DictConfig, e: Exception) -> None:
 
 
 @one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError
-@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(modnets.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except Exception as e:
         return failed(cfg, e)
+    out = Path(cfg.output_dir)
+    out = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
+    print(summary_line(results, run_label(cfg), str(out)), flush=True)
     finals = [r["final"]["heldout_acc"] for r in results if r.get("final")]  # diverged runs may have none
     return sum(finals) / len(finals) if finals else float("nan")
 

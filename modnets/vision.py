@@ -1,9 +1,9 @@
-"""Models for image tasks (SPEC §5): a CNN baseline and modular nets whose first layer are image modules.
+"""Models for image tasks (spec §5): a CNN baseline and modular nets whose first layer are image modules.
 
 Inputs are images x [R, B, images, H, W]. The flat MLP baseline is `models.MLP` (it flattens
 its input). `CNN` reads the images as channels. `ImageModularNet` is the `[2, 2, 3, 2, 2]`
-network of SPEC §5: each image module (an MLP or a small CNN) reads ONE image, chosen by a
-top-1 `InputRouter`, and emits a 3-value code; the codes of all modules, concatenated, feed a
+network of spec §5: each image module (an MLP or a small CNN) reads ONE image, chosen by a
+top-1 input router, and emits a 3-value code; the codes of all modules, concatenated, feed a
 `models.ModularNet` (the Boolean circuit layers). With `shared=True` the image modules and the
 circuit modules each come from their own library, slots choosing modules by location routers.
 As in `models`, every parameter has a leading replicate dimension drawn per replicate.
@@ -20,7 +20,7 @@ from torch import nn
 
 from modnets.config import check
 from modnets.models import ModularNet, ModuleBank, stacked, uniform
-from modnets.routers import InputRouter, LocationRouter, Routing, known_input_logits, known_location_logits
+from modnets.routers import Router
 
 
 class ConvBank(nn.Module):
@@ -60,9 +60,9 @@ class ConvBank(nn.Module):
 
 
 class CNN(nn.Module):
-    """CNN baseline (SPEC §5): the images of a row as channels, conv + pool layers, an MLP head."""
+    """CNN baseline (spec §5): the images of a row as channels, conv + pool layers, an MLP head."""
 
-    def __init__(self, task, routing: Routing | None, generators, channels=(16, 32), hidden=(128,)):
+    def __init__(self, task, routing: Router | None, generators, channels=(16, 32), hidden=(128,)):
         super().__init__()
         check(len(task.x.shape) == 4, "model", "cnn", "an image task (task=digits or task=mnist)")
         check(not routing.known, "router", "known", "router=learned: a dense model has no routing to fix")
@@ -88,7 +88,7 @@ class ImageModularNet(nn.Module):
     def __init__(
         self,
         task,
-        routing: Routing,
+        routing: Router,
         generators,
         image_module="mlp",
         image_hidden=(128, 64),
@@ -104,7 +104,7 @@ class ImageModularNet(nn.Module):
     ):
         super().__init__()
         check(len(task.x.shape) == 4, "model", "image_modular", "an image task (task=digits or task=mnist)")
-        R, T, n_images = len(generators), task.n_tasks, task.x.shape[1]
+        T, n_images = task.n_tasks, task.x.shape[1]
         slots = int(image_slots or n_images)
         check(slots > 0, "model.image_slots", image_slots, "a positive number of image modules")
         check(int(code_bits) > 0, "model.code_bits", code_bits, "a positive code width")
@@ -115,18 +115,14 @@ class ImageModularNet(nn.Module):
         check(image_module in ("mlp", "cnn"), "model.image_module", image_module, "mlp or cnn")
         self.shared, self.image_module = bool(shared), image_module
 
-        logits = stacked(generators, lambda g: torch.randn((T, n_images, slots), generator=g))
-        if routing.known_inputs:
-            logits = known_input_logits((T, n_images, slots), [[[s] for s in range(slots)]] * T).expand(R, -1, -1, -1).clone()
-        self.image_router = InputRouter(logits, 1, routing.tau, routing.gumbel, fixed=routing.known_inputs)
+        truth = [[[s] for s in range(slots)]] * T if routing.known_inputs else None
+        self.image_router = routing.input_router(generators, (T, n_images, slots), 1, truth=truth)
         n_modules = slots
         if self.shared:
             n_modules = int(image_library_size or 1)
             check(n_modules > 0, "model.image_library_size", image_library_size, "a positive number of image modules")
-            logits = stacked(generators, lambda g: torch.randn((T, n_modules, slots), generator=g))
-            if routing.known_locations:
-                logits = known_location_logits((T, n_modules, slots), [[0] * slots] * T).expand(R, -1, -1, -1).clone()
-            self.image_locations = LocationRouter(logits, routing.tau, routing.gumbel, routing.known_locations)
+            truth = [[0] * slots] * T if routing.known_locations else None
+            self.image_locations = routing.location_router(generators, (T, n_modules, slots), truth=truth)
         if image_module == "mlp":
             size = math.prod(task.x.shape[2:])
             self.image_bank = ModuleBank(generators, n_modules, [size, *map(int, image_hidden), int(code_bits)])
@@ -138,6 +134,7 @@ class ImageModularNet(nn.Module):
         )
         self.circuit = ModularNet(codes, routing, generators, num_modules, hidden, shared, library_size, skip_output)
         self.noise_per_sample = routing.per_sample
+        self.routing = routing
 
     def select_images(self, x, task_id, noise):
         """The image each slot reads: x [R, B, images, H, W] -> [R, B, slots, H, W].
@@ -150,7 +147,11 @@ class ImageModularNet(nn.Module):
         eye = torch.eye(n, device=x.device).repeat(rows, 1).expand(R, -1, -1)  # [R, rows * n, n]
         tid = task_id[:, :rows].repeat_interleave(n, 1)
         noise = noise.repeat_interleave(n, 1) if noise is not None and per_sample else noise
-        picks = self.image_router(eye, tid, noise).view(R, rows, n, -1).expand(R, B, -1, -1)  # [R, B, images, slots]
+        picks = self.image_router(eye, tid, noise).x[:, :, 0].reshape(R, rows, n, -1)  # [R, rows, images, slots]
+        picks = picks.expand(R, B, -1, -1)
+        log_prob = getattr(self.image_router, "log_prob", None)  # a sampling router saw each sample n times
+        if log_prob is not None and log_prob.shape[1] == rows * n:
+            self.image_router.log_prob = log_prob.view(R, rows, n)[:, :, 0]
         return torch.einsum("rbnd,rbns->rbsd", x.flatten(3), picks).view(R, B, -1, *x.shape[3:])
 
     def encode(self, images, task_id, noise):

@@ -11,6 +11,11 @@ were logged), and writes to `--out` (default: `aggregate/` in the first folder):
   is not `completed`, an unreadable or malformed file, a file modnets did not write (no valid
   checksum), a run with a NaN or inf metric, a second copy of a run (same config hash and seed);
 - `heldout_vs_fraction.png`, `learning_curves.png`, `recovery.png` (with `--plots`, the default).
+
+With `--wandb`, the summary (a W&B table, one row per configuration) and the figures (images) go
+to one W&B run of `job_type=aggregate` in the sweep's W&B group (the group its training runs
+logged to), so that the group page shows the study; offline by default (`--wandb-mode`), written
+under `--out`, uploaded later with `wandb sync`.
 """
 
 from __future__ import annotations
@@ -27,20 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
-from modnets.results import problem
+from modnets.results import UNHASHED, arch_label, problem
 
-# Config keys that do not define a configuration (where a run wrote and how it logged).
-IGNORED = (
-    "seed",
-    "output_dir",
-    "logger.",
-    "trainer.progress",
-    "trainer.threads",
-    "trainer.replicates",
-    "trainer.checkpoint_every",
-)
+# Config keys that do not define a configuration: the seed and replicate count (runs differing only
+# in them are one configuration's seeds) and the keys that do not change a run (modnets.results).
+IGNORED = ("seed", "trainer.replicates", *UNHASHED)
 SKIP_DIRS = {"wandb", ".submitit", ".hydra", "checkpoints"}
 ARCH_ORDER = ["mlp", "modular learned", "modular known", "shared learned", "shared known"]
+
+
+def ignored(key: str) -> bool:
+    """A flattened config key (`a.b.c`) that is, or lies under, one of IGNORED."""
+    return any(key == k or key.startswith(k + ".") for k in IGNORED)
 
 
 def find_results(roots: list[str]) -> list[Path]:
@@ -61,23 +64,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def arch_label(config: dict) -> str:
-    """mlp, modular/shared + learned/known/known outputs/gumbel, from a resolved config."""
-    model, router = config.get("model", {}), config.get("router", {})
-    target = str(model.get("_target_", ""))
-    if "MLP" in target or "modular" not in target.lower() and "Modular" not in target:
-        return target.rsplit(".", 1)[-1].lower() or "model"
-    kind = "shared" if model.get("shared") else "modular"
-    known = [router.get("known_inputs"), router.get("known_outputs")] + (
-        [router.get("known_locations")] if kind == "shared" else []
-    )
-    if all(known):
-        return f"{kind} known"
-    if router.get("known_outputs") and not any(known[:1] + known[2:]):
-        return f"{kind} known outputs"
-    return f"{kind} gumbel" if router.get("gumbel") else f"{kind} learned"
 
 
 def metrics_of(result: dict) -> dict[str, float]:
@@ -130,7 +116,7 @@ def read_run(path: Path):
     if status != "completed":
         error = result.get("error") or result.get("message") or ""
         return None, (status, str(error).splitlines()[0] if error else "")
-    config = {k: v for k, v in flatten(result.get("config", {})).items() if not k.startswith(IGNORED)}
+    config = {k: v for k, v in flatten(result.get("config", {})).items() if not ignored(k)}
     history = result.get("history") or []
     curve = (np.array([h["epoch"] for h in history]), np.array([h.get("heldout_acc", np.nan) for h in history], dtype=float))
     metrics = metrics_of(result)
@@ -238,7 +224,11 @@ def save(fig, path: Path) -> None:
 
 
 def plot(rows: list[dict], out: Path, curve_fraction: float | None) -> list[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("aggregate: no figures: matplotlib is missing (pip install 'modnets[sweeps]', or --no-plots)", file=sys.stderr)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -328,6 +318,38 @@ def plot(rows: list[dict], out: Path, curve_fraction: float | None) -> list[Path
     return written
 
 
+def sweep_group(paths: list[Path], fallback: str) -> tuple[str, str]:
+    """The W&B group and project the training runs logged to (the most common), else `fallback`."""
+    groups, projects = defaultdict(int), defaultdict(int)
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        groups[result.get("wandb_group") or fallback] += 1
+        projects[((result.get("config") or {}).get("logger") or {}).get("project") or "modnets"] += 1
+    pick = lambda counts, default: max(counts, key=counts.get) if counts else default  # noqa: E731
+    return pick(groups, fallback), pick(projects, "modnets")
+
+
+def log_to_wandb(rows: list[dict], columns: list[str], figures: list[Path], paths: list[Path], args) -> str | None:
+    """One W&B run (job_type=aggregate) with the summary table and the figures; returns its folder."""
+    from modnets.logger import WandbLogger
+
+    group, project = sweep_group(paths, str(args.dirs[0]))
+    out = Path(args.out or Path(args.dirs[0]) / "aggregate")
+    logger = WandbLogger(mode=args.wandb_mode, project=project, job_type="aggregate")
+    config = {"dirs": [str(d) for d in args.dirs], "configurations": len(rows)}
+    run = logger.start(config, "aggregate", str(out), group, ["aggregate"])
+    data = [[r.get(c) if not isinstance(r.get(c), float) or math.isfinite(r[c]) else None for c in columns] for r in rows]
+    run.log_table("summary", columns, data, step=0)
+    for figure in figures:
+        run.log_image(figure.stem, figure, step=0)
+    run.finish()
+    logger.close()  # W&B works in its own process: wait until the run is written
+    return getattr(run, "directory", None) and str(out / "wandb")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", nargs="+", help="multirun folders (or any folders holding results.json files)")
@@ -335,6 +357,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-plots", dest="plots", action="store_false", help="write the CSV files only")
     p.add_argument("--curve-fraction", type=float, default=None, help="training fraction of the learning curves (default 0.5)")
     p.add_argument("--metric", default="final.heldout_acc", help="metric printed in the table (default final.heldout_acc)")
+    p.add_argument("--wandb", action="store_true", help="log the summary table and figures to a W&B run (job_type=aggregate)")
+    p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"], help="default offline")
     args = p.parse_args(argv)
     start = time.time()
     missing = [d for d in args.dirs if not Path(d).is_dir()]
@@ -354,7 +378,8 @@ def main(argv=None) -> int:
         return 1
     rows, varying, metric_names = summarise(runs)
     stat_cols = [f"{m}_{s}" for m in metric_names for s in ("mean", "std", "ci95")]
-    write_csv(out / "summary.csv", rows, [*varying, "arch", "n", "seeds", *stat_cols])
+    columns = [*varying, "arch", "n", "seeds", *stat_cols]
+    write_csv(out / "summary.csv", rows, columns)
     run_rows = [
         {**{k: r["config"].get(k) for k in varying}, "arch": r["arch"], "seed": r["seed"], "path": r["path"], **r["metrics"]}
         for r in runs
@@ -368,9 +393,12 @@ def main(argv=None) -> int:
         )
         mean, ci = row.get(f"{m}_mean", math.nan), row.get(f"{m}_ci95", math.nan)
         print(f"  {label:<48} {row['arch']:<16} n={row['n']:<3} {mean:.3f} ± {ci:.3f}")
-    if args.plots:
-        for path in plot(rows, out, args.curve_fraction):
-            print(f"wrote {path}")
+    figures = plot(rows, out, args.curve_fraction) if args.plots else []
+    for path in figures:
+        print(f"wrote {path}")
+    if args.wandb:
+        where = log_to_wandb(rows, columns, figures, paths, args)
+        print(f"W&B run (job_type=aggregate, {args.wandb_mode}){f' in {where}' if where else ''}")
     print(f"wrote {out / 'summary.csv'}, runs.csv, failures.csv in {time.time() - start:.2f} s")
     return 0
 

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,17 +9,23 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")
 os.environ.setdefault("WANDB_SILENT", "true")
+ENV = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+QUIET = ["debug=quiet"]  # conf/debug/quiet.yaml: no W&B, no progress lines, one thread (the CI machine is shared)
 
 
 def make_cfg(*overrides, output_dir=None):
-    """Compose conf/config.yaml with overrides, as modnets-train would (W&B off unless asked)."""
+    """Compose conf/config.yaml with overrides, as modnets-train would (quiet: W&B off unless asked)."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=["logger.mode=disabled", "trainer.progress=false", *overrides]
-            + ([f"output_dir={output_dir}"] if output_dir else []),
-        )
+        cfg = compose("config", overrides=[*QUIET, *overrides] + ([f"output_dir={output_dir}"] if output_dir else []))
     return cfg
+
+
+def cli(*args, cwd=None, env=None):
+    """modnets-train ARGS as a user runs it, in a new process; returns the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", "modnets.train", *args], capture_output=True, text=True, cwd=cwd or ROOT,
+        env={**ENV, **(env or {})}, timeout=300,
+    )
 
 
 @pytest.fixture

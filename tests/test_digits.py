@@ -5,13 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
-from test_train import cli
+from conftest import cli, make_cfg
 
 from modnets.config import ConfigError
 from modnets.digits import MNIST_FILES, DigitPairTask, pair_labels, read_idx
 from modnets.models import ModularNet
-from modnets.routers import Routing
+from modnets.routers import Learned
 from modnets.train import run
 from modnets.vision import ImageModularNet
 
@@ -120,7 +119,7 @@ def test_presets_compose_for_digits_and_mnist(preset):
 
 def test_known_routing_generalises_to_unseen_pairs(cfg_in):
     """Shared image module and shared gates, routing known: >= 95% bit accuracy on unseen pairs for
-    seed 1 (not for every seed: README "Digit-image task" gives the mean and spread over seeds)."""
+    seed 1 (not for every seed: docs/digits.md gives the mean and spread over seeds)."""
     result = run(cfg_in("experiment=digits_shared_known", "seed=1", "trainer.epochs=30", "trainer.eval_every=30"))[0]
     assert result["final"]["test_unseen_acc"] >= 0.95
     assert result["final"]["test_seen_acc"] >= 0.95
@@ -131,7 +130,7 @@ def test_known_routing_generalises_to_unseen_pairs(cfg_in):
 @pytest.mark.parametrize("shared", [False, True])
 def test_image_modular_replicate_r_is_the_model_of_seed_plus_r(task, image_module, shared):
     make = lambda *seeds: ImageModularNet(  # noqa: E731
-        task, Routing(), [torch.Generator().manual_seed(s) for s in seeds], image_module=image_module, shared=shared
+        task, Learned(), [torch.Generator().manual_seed(s) for s in seeds], image_module=image_module, shared=shared
     )
     both, single = make(5, 6), make(6)
     idx = task.splits["train"][:16]
@@ -145,4 +144,4 @@ def test_image_modular_replicate_r_is_the_model_of_seed_plus_r(task, image_modul
 
 def test_boolean_modular_model_on_images_is_a_config_error(task):
     with pytest.raises(ConfigError, match="model"):
-        ModularNet(task, Routing(), [torch.Generator().manual_seed(0)])
+        ModularNet(task, Learned(), [torch.Generator().manual_seed(0)])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import ENV, QUIET, make_cfg
 from test_digits import write_idx
 
 import modnets.results
@@ -28,8 +28,6 @@ from modnets.digits import MNIST_FILES
 from modnets.train import main, run
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["trainer.threads=1", "trainer.progress=false", "logger.mode=disabled"]
-ENV = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 ARGS = ["trainer.epochs=6", "trainer.checkpoint_every=2", "task.noise=0.1"]  # checkpoints after epochs 2 and 4
 SAME = ("history", "final", "best", "routing", "recovery")
 seal = getattr(modnets.results, "seal", lambda result: result)  # what modnets writes
@@ -40,10 +38,10 @@ spec.loader.exec_module(aggregate)
 
 
 def train_cli(capsys, *overrides):
-    """`modnets-train FAST OVERRIDES` in this process: (exit code, stderr lines from modnets)."""
+    """`modnets-train debug=quiet OVERRIDES` in this process: (exit code, stderr lines from modnets)."""
     argv = sys.argv
     flags = [o for o in overrides if o == "-m"]  # before the overrides
-    sys.argv = ["modnets-train", *flags, *FAST, *(o for o in overrides if o != "-m")]
+    sys.argv = ["modnets-train", *flags, *QUIET, *(o for o in overrides if o != "-m")]
     try:
         main()
         code = 0
@@ -103,8 +101,8 @@ def tiny_disk(tmp_path):
 
 
 def test_a_checkpoint_with_changed_bytes_inside_a_tensor_is_never_used(cfg_in, tmp_path, capsys, monkeypatch):
-    clean = run(cfg_in(*ARGS, *FAST))
-    cfg = make_cfg(*ARGS, *FAST, output_dir=str(tmp_path / "corrupt"))
+    clean = run(cfg_in(*ARGS, *QUIET))
+    cfg = make_cfg(*ARGS, *QUIET, output_dir=str(tmp_path / "corrupt"))
     with monkeypatch.context() as m:
         crash_after_eval(m, 5)
         with pytest.raises(Crash):
@@ -129,11 +127,11 @@ def test_a_checkpoint_with_changed_bytes_inside_a_tensor_is_never_used(cfg_in, t
 
 
 def test_a_file_that_is_not_a_modnets_checkpoint_is_one_warning_and_a_clean_start(cfg_in, tmp_path, capsys):
-    clean = run(cfg_in(*ARGS, *FAST))
+    clean = run(cfg_in(*ARGS, *QUIET))
     folder = tmp_path / "other"
     folder.mkdir()
     (folder / "checkpoint.pt").write_bytes(b"\x80\x04garbage\n" * 100)
-    results = run(make_cfg(*ARGS, *FAST, output_dir=str(folder)))
+    results = run(make_cfg(*ARGS, *QUIET, output_dir=str(folder)))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("modnets")]
     assert len(err) == 1 and "not a modnets checkpoint" in err[0], err
     assert all(results[0][key] == clean[0][key] for key in SAME)
@@ -145,7 +143,7 @@ def test_a_file_that_is_not_a_modnets_checkpoint_is_one_warning_and_a_clean_star
 def test_a_full_disk_when_results_are_written_keeps_the_checkpoint_and_a_relaunch_resumes(
     cfg_in, tiny_disk, capsys, monkeypatch
 ):
-    clean = run(cfg_in(*ARGS, *FAST))
+    clean = run(cfg_in(*ARGS, *QUIET))
     real = modnets.train.write_results
     monkeypatch.setattr(modnets.train, "write_results", lambda *a, **k: (fill(tiny_disk), real(*a, **k))[1])
     code, err = train_cli(capsys, *ARGS, f"hydra.run.dir={tiny_disk}")
@@ -295,7 +293,7 @@ def poison_after(monkeypatch, epoch_of_nan):
 
 @pytest.mark.parametrize("killed", [False, True], ids=["uninterrupted", "killed and resumed"])
 def test_a_diverged_replicate_keeps_the_routing_and_recovery_of_its_last_finite_evaluation(tmp_path, monkeypatch, killed):
-    overrides = ["experiment=modular", "trainer.replicates=2", "trainer.checkpoint_every=2", *FAST]
+    overrides = ["experiment=modular", "trainer.replicates=2", "trainer.checkpoint_every=2", *QUIET]
     three = run(make_cfg(*overrides, "trainer.epochs=3", output_dir=str(tmp_path / "three")))
     cfg = make_cfg(*overrides, "trainer.epochs=6", output_dir=str(tmp_path / "six"))
     with monkeypatch.context() as m:
@@ -367,7 +365,7 @@ def test_an_output_folder_that_cannot_be_created_is_one_line_naming_it(tmp_path,
 
 
 def test_an_edited_results_file_is_not_trusted_and_the_run_is_redone(cfg_in, tmp_path, capsys):
-    cfg = cfg_in("trainer.epochs=2", *FAST)
+    cfg = cfg_in("trainer.epochs=2", *QUIET)
     first = run(cfg)[0]
     path = tmp_path / "run" / "results.json"
     edited = json.loads(path.read_text())
@@ -420,7 +418,7 @@ def test_absurd_work_is_one_warning_line_before_anything_is_built(cfg_in, capsys
 def test_a_second_process_on_the_same_run_folder_stops_with_one_line(tmp_path, capsys):
     folder = tmp_path / "run"
     first = subprocess.Popen(
-        [sys.executable, "-m", "modnets.train", *FAST, "trainer.epochs=100000", f"hydra.run.dir={folder}"],
+        [sys.executable, "-m", "modnets.train", *QUIET, "trainer.epochs=100000", f"hydra.run.dir={folder}"],
         cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

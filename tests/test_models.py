@@ -3,7 +3,7 @@ import torch
 
 from modnets.config import ConfigError
 from modnets.models import MLP, ModularNet, ModuleBank, parameter_groups
-from modnets.routers import Routing
+from modnets.routers import Learned
 from modnets.tasks import BooleanTask
 
 
@@ -18,7 +18,7 @@ def batch(task, rows, R):
 @pytest.mark.parametrize("shared", [False, True])
 def test_straight_through_gradients_reach_router_logits(shared):
     task = BooleanTask([6, 3, 2, 2])
-    model = ModularNet(task, Routing(), gens(0), shared=shared)
+    model = ModularNet(task, Learned(), gens(0), shared=shared)
     x, tid, y = batch(task, torch.arange(16), 1)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x, tid), y)
     loss.backward()
@@ -30,16 +30,16 @@ def test_straight_through_gradients_reach_router_logits(shared):
 def test_forward_value_is_a_hard_selection():
     """Whatever the scores, module inputs are exactly the selected previous-layer outputs."""
     task = BooleanTask([6, 3, 2, 2])
-    model = ModularNet(task, Routing(known_inputs=True, known_outputs=True), gens(0))
+    model = ModularNet(task, Learned(known_inputs=True, known_outputs=True), gens(0))
     x, tid, _ = batch(task, torch.arange(64), 1)
-    selected = model.routers[0](x, tid)  # [R, B, modules, k]
+    selected = model.routers[0](x, tid).x[:, :, 0]  # [R, B, modules, k]
     assert torch.equal(selected[0, :, 0], x[0][:, [0, 1]])
     assert torch.equal(selected[0, :, 2], x[0][:, [4, 5]])
 
 
 def test_known_routing_selects_ground_truth():
     task = BooleanTask([6, 3, 3, 2, 2])
-    model = ModularNet(task, Routing(known_inputs=True, known_outputs=True, known_locations=True), gens(0), shared=True)
+    model = ModularNet(task, Learned(known_inputs=True, known_outputs=True, known_locations=True), gens(0), shared=True)
     s = model.routing_summary()[0]
     assert s["inputs"] == [[layer] for layer in task.circuits[0].routing]
     assert s["outputs"] == [[0, 1]]
@@ -49,18 +49,18 @@ def test_known_routing_selects_ground_truth():
 
 def test_known_routers_are_not_in_the_optimizer():
     task = BooleanTask([6, 3, 2, 2])
-    model = ModularNet(task, Routing(known_inputs=True, known_outputs=True), gens(0))
-    names = {g["name"] for g in parameter_groups(model, Routing(), 0.01)}
+    model = ModularNet(task, Learned(known_inputs=True, known_outputs=True), gens(0))
+    names = {g["name"] for g in parameter_groups(model, Learned(), 0.01)}
     assert names == {"modules"}
-    learned = ModularNet(task, Routing(), gens(0), shared=True)
-    groups = {g["name"]: g["lr"] for g in parameter_groups(learned, Routing(lr=0.3, location_lr=0.2), 0.01)}
+    learned = ModularNet(task, Learned(), gens(0), shared=True)
+    groups = {g["name"]: g["lr"] for g in parameter_groups(learned, Learned(lr=0.3, location_lr=0.2), 0.01)}
     assert groups == {"modules": 0.01, "input_routers": 0.3, "location_routers": 0.2}
 
 
 def test_replicate_r_is_the_model_of_seed_plus_r():
     task = BooleanTask([6, 3, 2, 2])
-    many = ModularNet(task, Routing(), gens(5, 6, 7), shared=True)
-    one = ModularNet(task, Routing(), gens(6), shared=True)
+    many = ModularNet(task, Learned(), gens(5, 6, 7), shared=True)
+    one = ModularNet(task, Learned(), gens(6), shared=True)
     for (name, p), q in zip(many.named_parameters(), one.parameters()):
         assert torch.equal(p[1], q[0]), name
     x, tid, _ = batch(task, torch.arange(64), 3)
@@ -79,9 +79,9 @@ def test_mlp_pruning_removes_the_requested_fraction():
 @pytest.mark.parametrize(
     "kwargs,routing,key",
     [
-        ({"num_modules": [3, 3]}, Routing(known_inputs=True), "model.num_modules"),
-        ({}, Routing(topk=4), "router.topk"),
-        ({"num_modules": [3, 1]}, Routing(), "model.num_modules"),
+        ({"num_modules": [3, 3]}, Learned(known_inputs=True), "model.num_modules"),
+        ({}, Learned(topk=4), "router.topk"),
+        ({"num_modules": [3, 1]}, Learned(), "model.num_modules"),
     ],
 )
 def test_widths_that_cannot_work_are_config_errors(kwargs, routing, key):
@@ -90,7 +90,7 @@ def test_widths_that_cannot_work_are_config_errors(kwargs, routing, key):
 
 
 def test_widths_follow_the_task():
-    model = ModularNet(BooleanTask([6, 3, 3, 2, 2]), Routing(), gens(0))
+    model = ModularNet(BooleanTask([6, 3, 3, 2, 2]), Learned(), gens(0))
     assert [b.weights[0].shape[1] for b in model.banks] == [3, 3, 2]
 
 

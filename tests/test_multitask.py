@@ -7,11 +7,11 @@ import torch
 
 from modnets.config import ConfigError
 from modnets.models import MLP, ModularNet
-from modnets.routers import Routing
+from modnets.routers import Learned
 from modnets.tasks import MultiTask, RandomCircuitTask
 from modnets.train import Evaluator, build, fit, run
 
-KNOWN = Routing(known_inputs=True, known_outputs=True, known_locations=True)
+KNOWN = Learned(known_inputs=True, known_outputs=True, known_locations=True)
 
 
 def gens(*seeds):
@@ -19,7 +19,7 @@ def gens(*seeds):
 
 
 def spec_tables():
-    """SPEC §1 multi-task set, written out by hand."""
+    """spec §1 multi-task set, written out by hand."""
     x = np.array(list(itertools.product([0, 1], repeat=6)))
     XOR, OR, AND = np.bitwise_xor, np.bitwise_or, np.bitwise_and
     f = [XOR(x[:, 0], x[:, 1]), XOR(x[:, 2], x[:, 3]), XOR(x[:, 4], x[:, 5])]
@@ -86,13 +86,13 @@ def test_known_routing_without_shared_modules_needs_one_gate_per_slot():
     """Slot 0 of layer 1 is an XOR in task 0 and an OR in task 1: one module cannot be both."""
     with pytest.raises(ConfigError, match="model.shared"):
         ModularNet(MultiTask(), KNOWN, gens(0))
-    ModularNet(MultiTask(), Routing(known_outputs=True), gens(0))  # learned inputs: allowed
+    ModularNet(MultiTask(), Learned(known_outputs=True), gens(0))  # learned inputs: allowed
 
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_router_rows_get_gradients_only_from_their_task(shared):
     task = MultiTask()
-    model = ModularNet(task, Routing(), gens(0), shared=shared)
+    model = ModularNet(task, Learned(), gens(0), shared=shared)
     rows = torch.nonzero(task.task_id == 1).flatten()[:16]
     out = model(task.x[rows][None], task.task_id[rows][None])
     torch.nn.functional.binary_cross_entropy_with_logits(out, task.y[rows][None]).backward()
@@ -148,7 +148,7 @@ def test_k3_known_routing_on_a_generated_circuit(cfg_in):
 @pytest.mark.parametrize("k", [1, 3])
 def test_module_width_follows_k_and_outputs_do_not(model, k):
     task = RandomCircuitTask(n_inputs=9, widths=[3, 3], n_outputs=3, arity=3)
-    net = ModularNet(task, Routing(topk=k), gens(0), shared=model == "shared")
+    net = ModularNet(task, Learned(topk=k), gens(0), shared=model == "shared")
     bank = net.bank if model == "shared" else net.banks[0]
     assert bank.weights[0].shape[2] == k
     out = net(task.x[:5][None], task.task_id[:5][None])
@@ -158,7 +158,7 @@ def test_module_width_follows_k_and_outputs_do_not(model, k):
 
 def test_skip_output_reads_every_layer(cfg_in):
     task = RandomCircuitTask(n_inputs=8, widths=[4, 4, 2])
-    net = ModularNet(task, Routing(known_outputs=True), gens(0), skip_output=True)
+    net = ModularNet(task, Learned(known_outputs=True), gens(0), skip_output=True)
     assert net.output_router.logits.shape[2] == 4 + 4 + 2
     assert net.routing_summary()[0]["outputs"] == [[8, 9]]  # the last layer, after the 8 earlier modules
     result = run(cfg_in("experiment=modular_known", "task=bool_6_3_3_2_2", "model.skip_output=true"))[0]
@@ -189,14 +189,13 @@ def test_two_task_preset_runs_with_per_task_metrics(cfg_in):
 
 
 def test_module_input_size_preset_sweeps_k(tmp_path):
-    from test_train import cli
+    from conftest import cli
 
     proc = cli(
         "-m",
         "experiment=module_input_size",
         "trainer.epochs=1",
-        "trainer.threads=1",
-        "logger.mode=disabled",
+        "debug=quiet",
         f"hydra.sweep.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import ENV, QUIET, cli, make_cfg
 
 import modnets.logger
 import modnets.train
@@ -20,15 +20,13 @@ from modnets.config import ConfigError, validate
 from modnets.train import build, main, run
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["trainer.threads=1", "trainer.progress=false", "logger.mode=disabled"]  # 1 thread: the CI machine is shared
-ENV = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 
 
 def modnets_train(capsys, tmp_path, *overrides):
     """`modnets-train OVERRIDES` in this process (the console script's own entry point):
     (exit code, stderr lines)."""
     argv = sys.argv
-    sys.argv = ["modnets-train", *FAST, *overrides, f"hydra.run.dir={tmp_path / 'cli'}"]
+    sys.argv = ["modnets-train", *QUIET, *overrides, f"hydra.run.dir={tmp_path / 'cli'}"]
     try:
         main()
         code = 0
@@ -37,12 +35,6 @@ def modnets_train(capsys, tmp_path, *overrides):
     finally:
         sys.argv = argv
     return code, capsys.readouterr().err.strip().splitlines()
-
-
-def cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "modnets.train", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=ENV, timeout=300
-    )
 
 
 BAD = [  # overrides, the key named, a word of what is allowed
@@ -87,7 +79,7 @@ def test_bad_config_is_one_line_naming_key_value_and_what_is_allowed(capsys, tmp
 
 def test_bad_config_from_the_command_line_exits_2_without_traceback(tmp_path):
     for args in (["trainer.foo=1"], ["trainer.epochs=abc"]):
-        proc = cli(*args, *FAST, f"hydra.run.dir={tmp_path}")
+        proc = cli(*args, *QUIET, f"hydra.run.dir={tmp_path}")
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and args[0].split("=")[0] in proc.stderr
         assert "Traceback" not in proc.stderr
@@ -118,7 +110,7 @@ RESUMABLE = [
     "trainer.epochs=200",
     "trainer.eval_every=2",
     "trainer.deterministic=true",
-    *FAST,
+    *QUIET,
 ]
 
 
@@ -156,11 +148,11 @@ def test_killed_run_resumes_from_its_checkpoint_with_identical_results(cfg_in, t
 
 
 def test_checkpoint_of_another_config_is_ignored(cfg_in, tmp_path, capsys):
-    cfg = cfg_in("trainer.epochs=4", "trainer.checkpoint_every=2", *FAST)
+    cfg = cfg_in("trainer.epochs=4", "trainer.checkpoint_every=2", *QUIET)
     b = build(cfg)
     Checkpointer(cfg, b.model, b.optimizer, b.scheduler, b.generators).save(2)  # left by a run with lr 0.01
     assert (tmp_path / "run" / "checkpoint.pt").exists()
-    result = run(cfg_in("trainer.epochs=4", "trainer.checkpoint_every=2", "optimizer.lr=0.02", *FAST))[0]
+    result = run(cfg_in("trainer.epochs=4", "trainer.checkpoint_every=2", "optimizer.lr=0.02", *QUIET))[0]
     assert "belongs to another config" in capsys.readouterr().err
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
@@ -171,7 +163,7 @@ def test_failing_checkpoint_write_warns_once_and_training_goes_on(cfg_in, tmp_pa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(modnets.checkpoint.torch, "save", full)
-    result = run(cfg_in("trainer.epochs=4", "trainer.checkpoint_every=1", *FAST))[0]
+    result = run(cfg_in("trainer.epochs=4", "trainer.checkpoint_every=1", *QUIET))[0]
     err = capsys.readouterr().err
     assert err.count("No space left on device") == 1 and "training goes on" in err
     assert result["status"] == "completed" and len(result["history"]) == 4
@@ -194,7 +186,7 @@ def test_absurd_learning_rate_writes_a_diverged_results_file(capsys, tmp_path):
 
 
 def test_one_diverging_replicate_leaves_the_others_untouched(cfg_in, tmp_path, monkeypatch):
-    clean = run(cfg_in("experiment=modular", "trainer.replicates=3", "trainer.epochs=6", *FAST))
+    clean = run(cfg_in("experiment=modular", "trainer.replicates=3", "trainer.epochs=6", *QUIET))
 
     def poisoned_build(cfg):  # replicate 1 starts with a NaN weight
         b = build(cfg)
@@ -204,7 +196,7 @@ def test_one_diverging_replicate_leaves_the_others_untouched(cfg_in, tmp_path, m
 
     monkeypatch.setattr(modnets.train, "build", poisoned_build)
     out = tmp_path / "poisoned"
-    results = run(make_cfg("experiment=modular", "trainer.replicates=3", "trainer.epochs=6", *FAST, output_dir=str(out)))
+    results = run(make_cfg("experiment=modular", "trainer.replicates=3", "trainer.epochs=6", *QUIET, output_dir=str(out)))
     assert [r["status"] for r in results] == ["completed", "diverged", "completed"]
     assert results[1]["history"] == [] and results[1]["final"] is None and results[1]["diverged_epoch"] == 1
     for r in (0, 2):
@@ -227,7 +219,7 @@ def test_online_wandb_without_network_gives_up_quickly_once(cfg_in, capsys, monk
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: no network
     start = time.time()
-    cfg = cfg_in("trainer.epochs=2", "trainer.replicates=3", "trainer.threads=1", "trainer.progress=false")
+    cfg = cfg_in("trainer.epochs=2", "trainer.replicates=3", )
     cfg.logger.mode, cfg.logger.init_timeout = "online", 2
     results = run(cfg)
     elapsed = time.time() - start
@@ -240,7 +232,7 @@ def test_online_wandb_without_network_gives_up_quickly_once(cfg_in, capsys, monk
 def test_unwritable_wandb_folder_warns_once_and_results_are_written(cfg_in, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "wandb").write_text("a file where W&B wants its folder")
-    cfg = cfg_in("trainer.epochs=2", "trainer.threads=1", "trainer.progress=false")
+    cfg = cfg_in("trainer.epochs=2", )
     cfg.logger.mode = "offline"
     result = run(cfg)[0]
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("modnets")]
@@ -250,7 +242,7 @@ def test_unwritable_wandb_folder_warns_once_and_results_are_written(cfg_in, tmp_
 
 def test_nearly_full_disk_turns_wandb_off_with_one_warning(cfg_in, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(modnets.logger.shutil, "disk_usage", lambda p: type("U", (), {"free": 4096})())
-    cfg = cfg_in("trainer.epochs=2", "trainer.replicates=2", "trainer.threads=1", "trainer.progress=false")
+    cfg = cfg_in("trainer.epochs=2", "trainer.replicates=2", )
     cfg.logger.mode = "offline"
     results = run(cfg)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("modnets")]
@@ -267,7 +259,7 @@ def test_wandb_folder_filling_up_during_the_run_warns_and_results_are_written(cf
         pytest.skip("cannot mount a tmpfs here")
     try:
         monkeypatch.setattr(modnets.logger, "MIN_FREE_BYTES", 0)  # let W&B start on the tiny disk
-        cfg = cfg_in("trainer.epochs=30", "trainer.threads=1", "trainer.progress=false")
+        cfg = cfg_in("trainer.epochs=30", )
         cfg.logger.mode = "offline"
         result = run(cfg)[0]
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("modnets")]
@@ -285,7 +277,7 @@ TIMINGS = ("train_time_s", "wall_time_s", "timings_s", "checksum")  # the checks
 def test_same_config_and_seed_give_identical_results_files(cfg_in, tmp_path):
     """Two processes (this one and a CLI run), same config and seed: identical files but timings
     (and the checksum over them)."""
-    overrides = ["experiment=shared", "router=gumbel", "task.noise=0.1", "trainer.replicates=2", "trainer.epochs=20", *FAST]
+    overrides = ["experiment=shared", "router=gumbel", "task.noise=0.1", "trainer.replicates=2", "trainer.epochs=20", *QUIET]
     run(cfg_in(*overrides))
     proc = cli(*overrides, f"hydra.run.dir={tmp_path / 'again'}")
     assert proc.returncode == 0, proc.stderr

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_train import cli
+from conftest import cli
 
 from modnets.results import config_hash, finished_results, replicate_config, seal
 from modnets.train import run
@@ -15,7 +15,7 @@ spec = importlib.util.spec_from_file_location("aggregate", ROOT / "scripts" / "a
 aggregate = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(aggregate)
 
-TINY = ["experiment=modular", "trainer.epochs=2", "logger.mode=disabled", "trainer.progress=false", "trainer.threads=1"]
+TINY = ["experiment=modular", "debug=fast"]  # conf/debug/fast.yaml: quiet, 2 epochs
 
 
 def results_in(folder: Path) -> dict[int, dict]:

@@ -1,24 +1,14 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli
 
 from modnets.train import Evaluator, build, fit, run
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-
-
-def cli(*args, cwd=None, env=None):
-    """modnets-train as a user runs it; returns the finished process."""
-    env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "modnets.train", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=300
-    )
 
 
 @pytest.mark.parametrize("experiment", ["modular_known", "shared_known"])
@@ -44,7 +34,7 @@ def test_known_routers_do_not_change_during_training(cfg_in, router):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_preset_composes_and_runs(cfg_in, experiment):
-    result = run(cfg_in(f"experiment={experiment}", "trainer.epochs=2", "trainer.eval_every=1"))[0]
+    result = run(cfg_in(f"experiment={experiment}", "debug=fast"))[0]
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     for split in ("train", "val", "test", "heldout"):
         for metric in ("loss", "acc", "exact"):
@@ -75,7 +65,7 @@ def test_mlp_preset_learns_the_training_set(cfg_in):
 
 
 def test_multirun_sweep_writes_results_and_offline_wandb_runs(tmp_path):
-    proc = cli("-m", "seed=1,2", "experiment=modular", "trainer.epochs=2", f"hydra.sweep.dir={tmp_path}")
+    proc = cli("-m", "seed=1,2", "experiment=modular", "trainer.epochs=2", f"hydra.sweep.dir={tmp_path}")  # W&B offline
     assert proc.returncode == 0, proc.stderr
     results = sorted(tmp_path.glob("*/results.json"))
     assert len(results) == 2
@@ -119,8 +109,30 @@ def test_modularity_override_reshapes_the_model(cfg_in):
     ],
 )
 def test_bad_overrides_exit_nonzero_with_one_line_naming_the_key(tmp_path, overrides, key):
-    proc = cli(*overrides, "logger.mode=disabled", f"hydra.run.dir={tmp_path}")
+    proc = cli(*overrides, "debug=quiet", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
     assert key in proc.stderr.splitlines()[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_quickstart_compares_dense_learned_and_known_with_one_line_each(tmp_path):
+    proc = cli("experiment=quickstart", "debug=fast", "trainer.replicates=2", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    archs = ["arch=mlp", "arch=modular", "arch=modular_known"]
+    lines = [line for line in proc.stdout.splitlines() if "held-out accuracy" in line]
+    assert [line.split(":")[1].strip().split(",")[0] for line in lines] == archs  # label: the job's overrides
+    assert all("2 seeds; majority answer" in line for line in lines)
+    assert sorted(p.parent.parent.name.split(",")[0] for p in tmp_path.glob("*/seed_0/results.json")) == archs
+
+
+def test_majority_baseline_is_the_constant_answer_of_the_training_rows(cfg_in):
+    result = run(cfg_in("debug=fast", "task.train_fraction=0.5"))[0]
+    b = build(cfg_in("debug=fast", "task.train_fraction=0.5"))
+    y, splits = b.task.y, b.task.splits
+    guess = [int(2 * y[splits["train"], j].sum() > len(splits["train"])) for j in range(y.shape[1])]
+    for split in ("train", "heldout"):
+        rows = y[splits[split]]
+        expected = sum(int(v == guess[j]) for row in rows.tolist() for j, v in enumerate(row)) / rows.numel()
+        assert result["majority"][f"{split}_acc"] == pytest.approx(expected)
+    assert 0.5 <= result["majority"]["train_acc"] < 1.0
