@@ -217,6 +217,7 @@ def _serve() -> None:
         wandb = _import_wandb()
     except Exception as e:
         wandb, warning = None, f"W&B failed ({type(e).__name__}: {e})"
+    spool = Path(tempfile.mkdtemp(prefix="modnets-wandb-"))
     for line in sys.stdin.buffer:
         message = json.loads(line)
         op, index = message["op"], message["run"]
@@ -227,7 +228,7 @@ def _serve() -> None:
                 runs[index] = _init(wandb, message["kwargs"], message["timeouts"])
                 started.append(runs[index].id)
             elif op == "log" and index in runs:
-                runs[index].log(_decode(wandb, message["data"]), step=message["step"])
+                runs[index].log(_decode(wandb, message["data"], spool), step=message["step"])
             elif op == "finish" and index in runs:
                 run = runs.pop(index)
                 run.summary.update(message["summary"])
@@ -239,6 +240,7 @@ def _serve() -> None:
             run.finish()
         except Exception as e:
             warning = warning or f"W&B failed ({type(e).__name__}: {e})"
+    shutil.rmtree(spool, ignore_errors=True)
     print(json.dumps({"started": started, "warning": warning}), flush=True)
 
 
@@ -259,15 +261,15 @@ def _import_wandb():
     return wandb
 
 
-def _decode(wandb, data: dict) -> dict:
-    """Images (PNG bytes, base64) and tables back into W&B's objects; everything else as it is."""
+def _decode(wandb, data: dict, spool: Path) -> dict:
+    """Images (PNG bytes, base64; spooled to files that live until the worker ends, as W&B reads
+    them when it writes the step) and tables back into W&B's objects; everything else as it is."""
     out = {}
     for key, value in data.items():
         if isinstance(value, dict) and "__image__" in value:
-            with tempfile.TemporaryDirectory() as tmp:  # wandb.Image copies the file into the run at once
-                path = Path(tmp) / f"{key.replace('/', '_')}.png"
-                path.write_bytes(base64.b64decode(value["__image__"]))
-                value = wandb.Image(str(path))
+            path = spool / f"{len(list(spool.iterdir()))}-{key.replace('/', '_')}.png"
+            path.write_bytes(base64.b64decode(value["__image__"]))
+            value = wandb.Image(str(path))
         elif isinstance(value, dict) and "__table__" in value:
             value = wandb.Table(columns=value["__table__"]["columns"], data=value["__table__"]["rows"])
         out[key] = value
