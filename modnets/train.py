@@ -423,7 +423,7 @@ def write_results(
         recoveries = [r | g for r, g in zip(recoveries, gaps)]
     commit = git_commit()
     results = []
-    for r, (d, history, wandb_run) in enumerate(zip(logs.dirs, recorder.histories, logs.runs)):
+    for r, (history, wandb_run) in enumerate(zip(recorder.histories, logs.runs)):
         if r in diverged:  # keep the evaluations before the epoch whose training loss was NaN or inf
             history[:] = [h for h in history if h["epoch"] < diverged[r]]
             if recorder.recovery_history is not None:
@@ -453,24 +453,27 @@ def write_results(
             "wandb_id": wandb_run.id,
             "wandb_group": logs.group if wandb_run.id else None,  # the W&B group it logged to (aggregate.py --wandb)
         }
-        logs.pictures.finish(result, d, wandb_run, step=max(recorder.epoch, 1))
+        results.append(result)
+    times["results"] = time.time()
+    written = []
+    for r, (d, result, wandb_run) in enumerate(zip(logs.dirs, results, logs.runs)):
+        result["timings_s"] = phases(times)
+        try:
+            written.append(write_json(d / "results.json", result))
+        except OSError as e:  # a full disk: W&B runs are closed, the checkpoint stays for the relaunch
+            for later in logs.runs[r:]:
+                later.finish()
+            raise RunError(f"could not write {d / 'results.json'}: {e.strerror or one_line(e)}; {kept(cfg)}") from None
+        logs.pictures.finish(written[-1], d, wandb_run, step=max(recorder.epoch, 1))
+        history, best = result["history"], result["best"]
         summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
         wandb_run.finish(summary)
-        results.append(result)
-    times["results"] = time.time()
-    started = logs.logger.close() if hasattr(logs.logger, "close") else None  # wait for W&B: every run finished
-    times["wandb_wait"] = time.time()
-    written = []
-    for d, result in zip(logs.dirs, results):
-        if started is not None and result["wandb_id"] not in started:
-            result["wandb_id"], result["wandb_group"] = None, None  # W&B could not start this run
-        result["timings_s"] = phases(times)
-        try:
-            written.append(write_json(d / "results.json", result))
-        except OSError as e:  # a full disk: the W&B runs are finished, the checkpoint stays for the relaunch
-            raise RunError(f"could not write {d / 'results.json'}: {e.strerror or one_line(e)}; {kept(cfg)}") from None
+    started = logs.logger.close() if hasattr(logs.logger, "close") else None  # wait until W&B has finished every run
+    for r, (d, result) in enumerate(zip(logs.dirs, written)):
+        if started is not None and result["wandb_id"] not in started | {None}:  # W&B could not start it (rare): say so
+            written[r] = write_json(d / "results.json", result | {"wandb_id": None, "wandb_group": None})
     return written
 
 

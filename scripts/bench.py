@@ -15,8 +15,8 @@ are the reference: a seed sweep of R runs costs R times that.
 `--targets` measures the end-to-end commands the speed targets are about (each the median of
 `--repeats` runs) and prints each target beside its measurement; `--startup` splits one
 end-to-end run into interpreter start, imports, Hydra, build, W&B start, training, results
-and recovery, waiting for W&B, and writing, from `results.json`'s `timings_s`, so that a
-regression shows where it is. Timings need a quiet machine: on a loaded one they say little.
+and recovery, and writing, from `results.json`'s `timings_s`, plus what W&B adds end to end,
+so that a regression shows where it is. Timings need a quiet machine: on a loaded one they say little.
 """
 
 from __future__ import annotations
@@ -147,11 +147,13 @@ def median_of(repeats: int, fn) -> dict:
 
 
 def startup(repeats: int, threads: int | None) -> dict[str, float]:
-    """Seconds of each part of one end-to-end run (W&B offline), medians of `repeats`."""
+    """Seconds of each part of one end-to-end run (W&B offline), medians of `repeats`; and what
+    W&B adds end to end (the same run with W&B disabled)."""
     bare = median_of(repeats, lambda: {"t": python_wall("pass")})["t"]
     imported = median_of(repeats, lambda: {"t": python_wall("import modnets.train")})["t"]
     composing = median_of(repeats, lambda: {"t": compose_seconds()})["t"]
     run = median_of(repeats, lambda: cli_run(1, "offline", threads))
+    quiet = median_of(repeats, lambda: cli_run(1, "disabled", threads))
     t = run["timings"]
     parts = {
         "interpreter start": bare,
@@ -159,16 +161,17 @@ def startup(repeats: int, threads: int | None) -> dict[str, float]:
         "Hydra: compose the config": composing,
         "W&B worker launch": t["wandb_launch"],
         "build (task, model, optimizer)": t["build"],
-        "W&B runs opened, recovery baseline": t["open_runs"],
+        "W&B runs opened, recovery baseline (imports scipy)": t["open_runs"],
         "training (fit)": t["train"],
         "results (recovery, FLOPs, summaries)": t["results"],
-        "waiting for W&B to finish": t["wandb_wait"],
-        "writing results.json, Hydra's job set-up, exit": run["wall"] - imported - composing - sum(t.values()),
+        "writing results.json, W&B finishing, Hydra, exit": run["wall"] - imported - composing - sum(t.values()),
     }
     print(f"one `modnets-train experiment=modular` (W&B offline), median of {repeats}: {run['wall']:.2f} s end to end")
     for name, seconds in parts.items():
         print(f"  {name:<52} {seconds:>7.3f} s")
-    return parts | {"end to end": run["wall"]}
+    extra = run["wall"] - quiet["wall"]
+    print(f"  {'(W&B offline adds, against logger.mode=disabled)':<52} {extra:>7.3f} s")
+    return parts | {"end to end": run["wall"], "W&B adds": extra}
 
 
 def targets(repeats: int, threads: int | None) -> list[dict]:
