@@ -13,6 +13,11 @@ disk) leaves it for the relaunch.
 File format: one header line `modnets checkpoint <FORMAT> sha256=<hex>` and then the `torch.save`
 bytes it hashes. A file without that header, of another format version, or whose bytes do not match
 the hash (a flipped bit, a torn copy) is never loaded: one warning line, and training starts over.
+
+On SLURM through submitit, a job nearing its time limit or preempted gets a signal (USR2) whose
+handler pickles the job, requeues it and exits at once, mid-epoch. `defer_requeue` makes that signal
+only set a flag: the epoch ends, the checkpoint is written (whatever `checkpoint_every` says), and
+then submitit's handler requeues the job, which resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -62,6 +69,19 @@ def unpack(data: bytes) -> dict:
     return state
 
 
+_pending: list = []  # (handler, signal) of a deferred requeue signal
+
+
+def defer_requeue() -> bool:
+    """In a submitit job, hold back its requeue signal until `Checkpointer.save`; True when held."""
+    sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+    handler = signal.getsignal(sig) if sig else None
+    if not type(getattr(handler, "__self__", None)).__module__.startswith("submitit"):
+        return False  # not a submitit job (or already held)
+    signal.signal(sig, lambda signum, frame: _pending.append((handler, signum)))
+    return True
+
+
 def fingerprint(cfg) -> str:
     """A hash of the resolved config minus the keys that do not change training."""
     return config_hash(OmegaConf.to_container(cfg, resolve=True), IGNORED)
@@ -76,14 +96,16 @@ class Checkpointer:
         self._saved_extra = None
         self.every = int(cfg.trainer.get("checkpoint_every") or 0)
         self.model, self.optimizer, self.scheduler, self.generators = model, optimizer, scheduler, generators
-        self.path = Path(cfg.output_dir) / NAME if self.every else None
-        self.fingerprint = fingerprint(cfg) if self.every else None
+        self.requeue = defer_requeue()  # a SLURM job (submitit): checkpoint when its time is up
+        on = self.every or self.requeue
+        self.path = Path(cfg.output_dir) / NAME if on else None
+        self.fingerprint = fingerprint(cfg) if on else None
         self.evals: list[tuple[int, torch.Tensor]] = []  # (epoch, metrics [R, splits, 3] on the CPU)
         self.diverged: dict[int, int] = {}  # replicate -> epoch whose training loss was not finite
         self._write_failed = False
 
     def record(self, epoch: int, metrics: torch.Tensor) -> None:
-        if self.every:
+        if self.path:
             self.evals.append((epoch, metrics.detach().cpu()))
 
     def resume(self) -> int:
@@ -115,8 +137,19 @@ class Checkpointer:
         return int(state["epoch"])
 
     def save(self, epoch: int) -> None:
-        """Write the checkpoint after `epoch` when it is a multiple of `checkpoint_every`."""
-        if not self.every or epoch % self.every or self._write_failed:
+        """Write the checkpoint after `epoch` when it is a multiple of `checkpoint_every` or when a
+        requeue signal came (then hand over to its handler, which requeues the job and exits)."""
+        if _pending:
+            self._write(epoch)
+            handler, signum = _pending.pop()
+            message = f"modnets: checkpoint after epoch {epoch} written on the requeue signal; submitit takes over"
+            print(message, file=sys.stderr, flush=True)
+            handler(signum, None)
+        elif self.every and epoch % self.every == 0:
+            self._write(epoch)
+
+    def _write(self, epoch: int) -> None:
+        if self._write_failed:
             return
         state = {
             "fingerprint": self.fingerprint,

@@ -2,10 +2,11 @@ import csv
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
-from conftest import cli
+from conftest import cli, make_cfg
 
 from modnets.results import config_hash, finished_results, replicate_config, seal
 from modnets.train import run
@@ -38,9 +39,27 @@ def test_two_job_sweep_with_joblib_completes_and_a_relaunch_runs_nothing_new(tmp
     before = {p: p.read_bytes() for p in tmp_path.rglob("results.json")}
     again = cli(*args, "logger.mode=offline")  # another launcher and logger: the same runs
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("modnets: skipped") == 2
+    assert "modnets: 2 of 2 jobs already finished" in again.stdout and "Launching" not in again.stdout + again.stderr
     assert {p: p.read_bytes() for p in tmp_path.rglob("results.json")} == before
     assert not list(tmp_path.rglob("wandb"))
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_relaunch_launches_only_the_unfinished_jobs_into_their_own_folders(tmp_path, launcher):
+    args = ["-m", "seed=1,2,3", *TINY, f"hydra.sweep.dir={tmp_path}", f"hydra/launcher={launcher}"]
+    assert cli(*args).returncode == 0
+    (tmp_path / "1" / "results.json").unlink()  # job 1 lost its results (killed, failed, deleted)
+    failed = json.loads((tmp_path / "2" / "results.json").read_text()) | {"status": "failed"}
+    (tmp_path / "2" / "results.json").write_text(json.dumps(failed))  # job 2 failed: run again
+    kept = (tmp_path / "0" / "results.json").read_bytes()
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "modnets: 1 of 3 jobs already finished" in again.stdout
+    assert re.findall(r"\t#\d+ : seed=(\d)", again.stdout + again.stderr) == ["2", "3"]  # the launcher's job list
+    found = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")}
+    assert {k: r["config"]["seed"] for k, r in found.items()} == {"0": 1, "1": 2, "2": 3}  # each job in its folder
+    assert all(r["status"] == "completed" for r in found.values())
+    assert (tmp_path / "0" / "results.json").read_bytes() == kept
 
 
 def test_two_job_sweep_with_submitit_local_completes(tmp_path):
@@ -209,3 +228,41 @@ def test_config_hash_is_the_hash_of_the_config_without_the_ignored_keys(cfg_in):
         del node[last]
     digest = hashlib.sha256(json.dumps(expected, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert config_hash(config) == digest and config == before
+
+
+def test_a_requeue_signal_ends_the_epoch_writes_a_checkpoint_and_the_requeued_run_matches(cfg_in, monkeypatch, capsys, tmp_path):
+    """submitit's USR2 handler (time limit, preemption) runs only after the epoch's checkpoint is written."""
+    import logging
+    import signal
+    from types import SimpleNamespace
+
+    from submitit.core.job_environment import SignalHandler
+
+    from modnets import checkpoint
+
+    handler = SignalHandler.__new__(SignalHandler)  # submitit's handler in a job: it exits (and would requeue)
+    handler.env, handler._delayed = SimpleNamespace(global_rank=0), SimpleNamespace(function=None)
+    handler._logger = logging.getLogger("submitit-test")
+    defer = checkpoint.defer_requeue
+
+    def defer_then_signal():  # the signal arrives as soon as training started
+        held = defer()
+        signal.raise_signal(signal.SIGUSR2)
+        return held
+
+    cfg = cfg_in("experiment=modular", "trainer.epochs=6", "trainer.checkpoint_every=0")
+    previous = signal.signal(signal.SIGUSR2, handler.checkpoint_and_exit)
+    try:
+        monkeypatch.setattr(checkpoint, "defer_requeue", defer_then_signal)
+        with pytest.raises(SystemExit):
+            run(cfg)
+        state = checkpoint.unpack((Path(cfg.output_dir) / "checkpoint.pt").read_bytes())
+        assert state["epoch"] == 1 and len(state["evals"]) == 1  # the whole first epoch, then the handler
+        monkeypatch.setattr(checkpoint, "defer_requeue", defer)
+        signal.signal(signal.SIGUSR2, handler.checkpoint_and_exit)  # the requeued job, under submitit again
+        resumed = run(cfg)[0]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert "resuming from" in capsys.readouterr().err and not (Path(cfg.output_dir) / "checkpoint.pt").exists()
+    reference = run(make_cfg("experiment=modular", "trainer.epochs=6", output_dir=str(tmp_path / "reference")))[0]
+    assert resumed["history"] == reference["history"] and len(reference["history"]) == 6

@@ -1,0 +1,1 @@
+"""modnets' Hydra sweeper (a Hydra plugin must live in the hydra_plugins namespace package)."""
