@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from modnets.selection import CRITERIA
+
 
 class ConfigError(ValueError):
     """A bad config value: `key=value: what is allowed`."""
@@ -97,6 +99,8 @@ RULES = {
     "trainer.progress": BOOL,
     "trainer.checkpoint_every": integer(0),
     "trainer.deterministic": BOOL,
+    "trainer.select": ((lambda v: v in CRITERIA), f"one of {', '.join(CRITERIA)} (modnets.selection)"),
+    "trainer.population": optional(integer(1)),
     "optimizer.lr": number(0, low_open=True, what="a positive learning rate"),
     "optimizer.weight_decay": number(0, what="a weight decay"),
     "optimizer.momentum": number(0, 1, what="a momentum"),
@@ -207,6 +211,9 @@ def validate(cfg: DictConfig) -> None:
         if name not in trainer_keys:
             allowed = f"a key of trainer: {', '.join(sorted(trainer_keys))}"
             raise ConfigError(f"trainer.{name}", _plain(cfg.trainer[name]), allowed)
+    size, replicates = cfg.get("trainer", {}).get("population"), cfg.get("trainer", {}).get("replicates", 1)
+    if size is not None:
+        check(int(replicates) % int(size) == 0, "trainer.population", size, f"a divisor of trainer.replicates={replicates}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,12 +22,13 @@ from omegaconf import DictConfig
 
 
 def count_jobs(config: DictConfig) -> int | None:
-    """The number of jobs the basic sweeper makes of this multirun config (None for another sweeper)."""
+    """The number of jobs the basic sweeper (or modnets', its subclass) makes of this multirun config
+    (None for another sweeper)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweeper = config.hydra.sweeper
-    if "BasicSweeper" not in str(sweeper.get("_target_", "")):
+    if not str(sweeper.get("_target_", "")).endswith(("BasicSweeper", "ModnetsSweeper")):
         return None
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
     try:
@@ -48,6 +49,14 @@ def finished_jobs(sweep_dir: Path, since: float) -> int:
     return done
 
 
+SKIPPED = [0]  # jobs of this sweep the modnets sweeper did not launch (already finished)
+
+
+def note_skipped(n: int) -> None:
+    """Called by the modnets sweeper: `n` more jobs are finished already and will not run."""
+    SKIPPED[0] += n
+
+
 def clock(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
@@ -58,6 +67,7 @@ class SweepProgress(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.start, self.total, self.done = time.time(), count_jobs(config), 0
+        SKIPPED[0] = 0
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
@@ -66,8 +76,9 @@ class SweepProgress(Callback):
         self.done += 1
         done = max(self.done, finished_jobs(self.sweep_dir, self.start))
         elapsed = time.time() - self.start
-        line = f"modnets: sweep {done}/{self.total or '?'} jobs done, elapsed {clock(elapsed)}"
-        if self.total:
-            line += f", left ~{clock(elapsed / done * max(0, self.total - done))}"
+        total = self.total and self.total - SKIPPED[0]  # the jobs launched
+        line = f"modnets: sweep {done}/{total or '?'} jobs done, elapsed {clock(elapsed)}"
+        if total:
+            line += f", left ~{clock(elapsed / done * max(0, total - done))}"
         status = getattr(getattr(job_return, "status", None), "name", "done").lower()
         print(f"{line} (job {config.hydra.job.num} {status})", flush=True)

@@ -197,7 +197,8 @@ def clear_failure(out: Path, replicates: int) -> None:
 
 
 def replicate_config(cfg: DictConfig, r: int) -> dict:
-    """The resolved config of replicate r: exactly the config of a single run with seed + r."""
+    """The resolved config of replicate r: exactly the config of a single run with seed + r
+    (`trainer.select` none: selected runs are written apart, modnets.selection)."""
     return replicate_configs(cfg, [r])[0]
 
 
@@ -209,6 +210,8 @@ def replicate_configs(cfg: DictConfig, replicates) -> list[dict]:
         config = copy.deepcopy(resolved)
         config["seed"] = int(cfg.seed) + r
         config["trainer"]["replicates"] = 1
+        if "select" in config["trainer"]:  # one replicate: nothing to select among
+            config["trainer"] |= {"select": "none", "population": None}
         configs.append(config)
     return configs
 

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import modnets
-from modnets import checkpoint, draw, recovery, routers
+from modnets import checkpoint, draw, recovery, routers, selection
 from modnets.checkpoint import NAME as CHECKPOINT
 from modnets.checkpoint import Checkpointer
 from modnets.config import (
@@ -334,6 +334,7 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace, logger) -> SimpleNamespace:
     runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(shown, seeds, dirs)]
     logs = SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, group=logger.group or group)
     logs.logger = logger
+    logs.wandb = (logger, name, logs.group)  # the selected run's W&B run (modnets.selection)
     logs.pictures = draw.Pictures(logger.pictures, model, task, logs)
     return logs
 
@@ -524,8 +525,9 @@ def kept(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> list[dict]:
-    """Build everything from the config, train, write one results.json per replicate.
-    The output folder is locked for the run's duration (a second process on it stops)."""
+    """Build everything from the config, train, write one results.json per replicate (and, with
+    `trainer.select`, `selected/results.json`: modnets.selection). The output folder is locked
+    for the run's duration (a second process on it stops)."""
     start = time.time()
     validate(cfg)  # before anything reads the config (build validates again: it is also called alone)
     with lock_folder(Path(cfg.output_dir)):
@@ -537,6 +539,7 @@ def run(cfg: DictConfig) -> list[dict]:
             checkpoint.remove(cfg.output_dir)  # only now: the results are safely written
         else:  # a relaunched sweep: this job already ran with exactly this config
             print(f"modnets: skipped, {cfg.output_dir} holds finished results of this config", flush=True)
+            selection.write_selected(cfg, done)  # selection reads only the results: cheap to redo
         clear_failure(Path(cfg.output_dir), int(cfg.trainer.replicates))
         return done
 
@@ -561,7 +564,9 @@ def train(cfg: DictConfig, start: float) -> list[dict]:
             evaluator=evaluator, on_eval=recorder, extra_state=extra,
         )
         times["train"] = time.time()
-        return write_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
+        results = write_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
+        selection.write_selected(cfg, results, wandb=logs.wandb)
+        return results
     finally:
         if hasattr(logger, "close"):
             logger.close()  # after an error too: the W&B worker finishes its runs and exits (a no-op when done)

@@ -2,7 +2,9 @@
 
 Reads every `results.json` under the given folders (replicates under `seed_*/` and separately
 launched runs alike), groups runs whose configs differ only in `seed` (and in where and how they
-were logged), and writes to `--out` (default: `aggregate/` in the first folder):
+were logged), and writes to `--out` (default: `aggregate/` in the first folder). A population's
+`selected/results.json` (`trainer.select`) is one run of its own configuration, "best of R": its
+`trainer.replicates` counts, its seed is the population's base seed. Output:
 
 - `summary.csv`: one row per configuration: the config keys that vary across the sweep, `arch`,
   `n` (seeds), and for every metric `_mean`, `_std` (sample std) and `_ci95` (half-width of the 95%
@@ -116,7 +118,9 @@ def read_run(path: Path):
     if status != "completed":
         error = result.get("error") or result.get("message") or ""
         return None, (status, str(error).splitlines()[0] if error else "")
-    config = {k: v for k, v in flatten(result.get("config", {})).items() if not ignored(k)}
+    selected = result.get("selection")  # selected/results.json: one run of "best of R" (modnets.selection)
+    kept = lambda k: not ignored(k) or (selected and k == "trainer.replicates")  # noqa: E731 (population size)
+    config = {k: v for k, v in flatten(result.get("config", {})).items() if kept(k)}
     history = result.get("history") or []
     curve = (np.array([h["epoch"] for h in history]), np.array([h.get("heldout_acc", np.nan) for h in history], dtype=float))
     metrics = metrics_of(result)
@@ -132,7 +136,7 @@ def read_run(path: Path):
         "metrics": metrics,
         "curve": curve,
         "seed": seed,
-        "arch": arch_label(result.get("config", {})),
+        "arch": arch_label(result.get("config", {})) + (f", best of {len(selected['among'])}" if selected else ""),
         "path": str(path),
     }
     return run, None

@@ -46,5 +46,8 @@ def test_a_sweep_prints_one_line_per_job_with_done_total_elapsed_and_time_left(t
     pattern = r"modnets: sweep (\d)/3 jobs done, elapsed \d+:\d\d:\d\d, left ~\d+:\d\d:\d\d \(job (\d) completed\)"
     assert [re.fullmatch(pattern, line).groups() for line in lines] == [("1", "0"), ("2", "1"), ("3", "2")]
     assert proc.stdout.count("epoch ") >= 3  # each run's own progress lines are still there
+    again = cli("-m", "seed=1,2,3,4", *tiny, f"hydra.sweep.dir={tmp_path}")  # 3 finished jobs are not launched
+    lines = [line for line in again.stdout.splitlines() if line.startswith("modnets: sweep")]
+    assert [re.fullmatch(pattern.replace("/3", "/1"), line).groups() for line in lines] == [("1", "0")], again.stdout
     single = cli(*tiny, f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0 and "modnets: sweep" not in single.stdout and "epoch     2/2" in single.stdout

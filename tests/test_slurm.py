@@ -18,12 +18,13 @@ from conftest import make_cfg
 
 from modnets.train import run
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one worker owns the cluster
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 TINY = ["experiment=modular", "trainer.epochs=2", "logger.mode=disabled", "trainer.progress=false", "trainer.threads=1"]
-# long enough (about 200 epochs of a few ms each) to be interrupted after its first checkpoint
-LONG = ["experiment=modular", "seed=3", "trainer.epochs=200", "logger.mode=disabled", "trainer.threads=1"]
+# long enough (1000 epochs of about 10 ms each) to be interrupted after its first checkpoint: scancel lets a job
+# run KillWait (2 s here) after SIGTERM, which submitit ignores, so a shorter run could finish first
+LONG = ["experiment=modular", "seed=3", "trainer.epochs=1000", "logger.mode=disabled", "trainer.threads=1"]
 SLURM = ["hydra.launcher.timeout_min=5", "hydra.launcher.cpus_per_task=1"]
 
 
@@ -127,7 +128,7 @@ def test_a_job_signalled_at_its_time_limit_checkpoints_requeues_itself_and_match
     try:
         wait_for(lambda: submitted(tmp_path), what="the job to be submitted")
         (job,) = submitted(tmp_path)
-        wait_for(lambda: "epoch    40/200" in job_log(tmp_path, job), what="epoch 40 of the job")
+        wait_for(lambda: "epoch   100/1000" in job_log(tmp_path, job), what="epoch 100 of the job")
         subprocess.run(["scancel", "--signal=USR2", job], env=cluster, check=True)
         out, _ = proc.communicate(timeout=300)
     finally:
@@ -136,7 +137,7 @@ def test_a_job_signalled_at_its_time_limit_checkpoints_requeues_itself_and_match
     log = job_log(tmp_path, job)
     assert "written on the requeue signal" in log and "modnets: resuming from" in log, log[-3000:]
     epoch = int(log.split("resuming from")[1].split("after epoch ")[1].split()[0])
-    assert 40 <= epoch < 200
+    assert 100 <= epoch < 1000
     result = results(tmp_path)["0"]
     assert result["status"] == "completed" and not (tmp_path / "0" / "checkpoint.pt").exists()
     assert result["history"] == uninterrupted["history"]
