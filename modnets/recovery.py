@@ -34,16 +34,17 @@ import math
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from modnets.circuits import GATES, Circuit
 
 
+@functools.cache
 def binary_rows(k: int) -> np.ndarray:
     """All 2^k inputs of a k-input module, in `itertools.product` order: [2^k, k]."""
     return ((np.arange(2**k)[:, None] >> np.arange(k - 1, -1, -1)) & 1).astype(np.uint8)
 
 
+@functools.cache  # read-only use: recovery asks for the same few tables thousands of times
 def gate_table(op: str, k: int) -> np.ndarray:
     return np.asarray(GATES[op](binary_rows(k)), dtype=np.uint8) & 1
 
@@ -63,6 +64,8 @@ def match_layers(learned: list[list[list[int]]], truth: list[list[list[int]]]):
     layer (layer 0 reads the input bits). Returns per layer the matching `perm` (learned module ->
     true module, -1 if unmatched) and the per-layer fraction of true modules recovered.
     """
+    from scipy.optimize import linear_sum_assignment  # here: scipy takes a third of a second to import
+
     prev = None
     perms, fractions = [], []
     for ins, true in zip(learned, truth):
@@ -141,6 +144,8 @@ def recover(routing: dict, circuits: list[Circuit], tables=None, skip_output: bo
 
 def slot_assignment(pairs: list[tuple[int, int]], n_slots: int) -> float:
     """Fraction of true slots whose (learned module, true module) agree under the best relabelling."""
+    from scipy.optimize import linear_sum_assignment
+
     if not pairs:
         return 0.0
     counts = np.zeros((max(p[0] for p in pairs) + 1, max(p[1] for p in pairs) + 1))

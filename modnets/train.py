@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,6 +39,7 @@ from modnets.config import (
 )
 from modnets.contracts import Model
 from modnets.models import count_flops, count_parameters, parameter_groups
+from modnets.optim import ExponentialLR
 from modnets.results import (
     FolderBusy,
     RunError,
@@ -53,7 +55,7 @@ from modnets.results import (
     os_problem,
     output_dirs,
     record_failure,
-    replicate_config,
+    replicate_configs,
     warn,
     write_json,
 )
@@ -110,6 +112,11 @@ class Evaluator:
         model.train()
         return torch.einsum("rnm,sn->rsm", torch.cat(per_row, 1), self.membership) / self.counts
 
+    @property
+    def keys(self) -> list[str]:
+        """The metric names in the order of metrics[r].flatten(): split_metric."""
+        return [f"{split}_{m}" for split in self.names for m in METRICS]
+
     def discretisation_gap(self, model, replicates: int) -> list[dict[str, float]] | None:
         """Per replicate, soft minus hard accuracy (train and held-out rows) of a soft router
         method at its final temperature; None for methods whose training forward is hard."""
@@ -121,11 +128,7 @@ class Evaluator:
                 for g in gap]
 
     def as_dicts(self, metrics: torch.Tensor) -> list[dict[str, float]]:
-        values = metrics.cpu().tolist()
-        return [
-            {f"{split}_{m}": v[s][j] for s, split in enumerate(self.names) for j, m in enumerate(METRICS)}
-            for v in values
-        ]
+        return [dict(zip(self.keys, chain.from_iterable(v))) for v in metrics.cpu().tolist()]
 
 
 def draw_epoch(generators, n_train, x_shape, noise_std, noise_shapes, steps, per_sample, device):
@@ -308,22 +311,21 @@ def build(cfg: DictConfig):
     model.to(device)
     task.to(device)
     optimizer = instantiate(cfg.optimizer)(parameter_groups(model, routing, float(cfg.optimizer.lr)))
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(tr.lr_gamma))
+    scheduler = ExponentialLR(optimizer, gamma=float(tr.lr_gamma))  # torch's, without importing torch._dynamo
     return SimpleNamespace(
         task=task, routing=routing, model=model, optimizer=optimizer, scheduler=scheduler,
         generators=generators, seeds=seeds, device=device,
     )
 
 
-def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
+def open_runs(cfg: DictConfig, b: SimpleNamespace, logger) -> SimpleNamespace:
     """The output folder of each replicate, its resolved config and its W&B run (one per replicate)."""
     task, model, seeds = b.task, b.model, b.seeds
     out = Path(cfg.output_dir)
     dirs = output_dirs(out, seeds)
-    logger = instantiate(cfg.logger)
     group = f"{out.parent.name}/{out.name}" if len(seeds) > 1 else None
     group = str(HydraConfig.get().sweep.dir) if in_sweep() else group  # the runs of one sweep share a group
-    configs = [replicate_config(cfg, r) for r in range(len(seeds))]
+    configs = replicate_configs(cfg, range(len(seeds)))
     name = f"{task.name}-{type(model).__name__.lower()}"
     tags = [task.name, type(model).__name__.lower(), *(["sweep"] if in_sweep() else [])]
     for d in dirs:
@@ -331,6 +333,7 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
     shown = [c | {"arch": arch_label(c), "task_name": task.name} for c in configs]  # W&B only: keys to group runs by
     runs = [logger.start(c, f"{name}-s{s}", str(d), group, tags) for c, s, d in zip(shown, seeds, dirs)]
     logs = SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, group=logger.group or group)
+    logs.logger = logger
     logs.wandb = (logger, name, logs.group)  # the selected run's W&B run (modnets.selection)
     logs.pictures = draw.Pictures(logger.pictures, model, task, logs)
     return logs
@@ -339,35 +342,57 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace) -> SimpleNamespace:
 class Recorder:
     """What happens at each evaluation: every replicate's history and W&B metrics, structure
     recovery about ten times per run (and the circuit picture at every other one of them), and a
-    progress line about every tenth of training."""
+    progress line about every tenth of training.
+
+    The metrics stay on the device until something needs them on the host (a W&B point, a
+    progress line); `histories` are built once, after training, from all evaluations at once."""
 
     def __init__(self, cfg: DictConfig, b: SimpleNamespace, evaluator: Evaluator, logs: SimpleNamespace):
         tr = cfg.trainer
         self.model, self.task, self.evaluator, self.runs, self.pictures = b.model, b.task, evaluator, logs.runs, logs.pictures
         self.epochs, self.progress = int(tr.epochs), bool(tr.progress)
+        self.logging = any(run.id is not None for run in logs.runs)  # W&B is on
         n_evals = int(tr.epochs) // int(tr.eval_every)
         self.every = max(1, n_evals // 10) * int(tr.eval_every)
         self.log_every = max(1, math.ceil(n_evals / max(1, logs.max_points))) * int(tr.eval_every)
-        self.histories = [[] for _ in b.seeds]
+        self.evals: list[tuple[int, torch.Tensor]] = []  # (epoch, metrics [R, splits, 3] on the device)
+        self._histories = None
         self.recovery_init = recovery.measure(b.model, b.task)  # the untrained model, a baseline
         self.recovery_history = [[] for _ in b.seeds] if self.recovery_init is not None else None
+        self.last_recovery = (None, None)  # (epoch, recovery of every replicate) of the latest measurement
         self.epoch = 0
 
     def __call__(self, epoch: int, metrics: torch.Tensor) -> None:
-        rows = self.evaluator.as_dicts(metrics)
+        self.evals.append((epoch, metrics))
         last, self.epoch = epoch == self.epochs, epoch
-        for history, wandb_run, row in zip(self.histories, self.runs, rows):
-            history.append({"epoch": epoch, **row})
-            if epoch % self.log_every == 0 or last:
-                wandb_run.log({"epoch": epoch, **row}, step=epoch)
+        log = self.logging and (epoch % self.log_every == 0 or last)
+        show = self.progress and (epoch % self.every == 0 or last)
+        rows = self.evaluator.as_dicts(metrics) if log or show else None
+        for wandb_run, row in zip(self.runs, rows if log else ()):
+            wandb_run.log({"epoch": epoch, **row}, step=epoch)
         if self.recovery_history is not None and (epoch % self.every == 0 or last):
-            for h, wandb_run, rec in zip(self.recovery_history, self.runs, recovery.measure(self.model, self.task)):
+            self.last_recovery = (epoch, recovery.measure(self.model, self.task))
+            for h, wandb_run, rec in zip(self.recovery_history, self.runs, self.last_recovery[1]):
                 h.append({"epoch": epoch, **rec})
                 wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
         if epoch % (2 * self.every) == 0 and not last:  # every other recovery checkpoint; the last one with the results
             self.pictures.checkpoint(self.model, self.task, epoch)
-        if self.progress and (epoch % self.every == 0 or last):
+        if show:
             print(progress_line(epoch, self.epochs, rows), flush=True)
+
+    @property
+    def histories(self) -> list[list[dict]]:
+        """Per replicate, one {"epoch", split_metric: value} row per evaluation (built on first use)."""
+        if self._histories is None:
+            self._histories = [[] for _ in self.runs]
+            if self.evals:
+                epochs = [e for e, _ in self.evals]
+                values = torch.stack([m for _, m in self.evals]).cpu().tolist()  # [evals, R, splits, 3]: one transfer
+                keys = ("epoch", *self.evaluator.keys)
+                for e, per_replicate in zip(epochs, values):
+                    for history, v in zip(self._histories, per_replicate):
+                        history.append(dict(zip(keys, (e, *chain.from_iterable(v)))))
+        return self._histories
 
 
 def progress_line(epoch: int, epochs: int, rows: list[dict]) -> str:
@@ -381,21 +406,25 @@ def progress_line(epoch: int, epochs: int, rows: list[dict]) -> str:
 def write_results(
     cfg: DictConfig, b: SimpleNamespace, logs: SimpleNamespace, recorder: Recorder, diverged: dict[int, int], times: dict
 ) -> list[dict]:
-    """One results.json per replicate (modnets.results has the contract), and the W&B summaries."""
+    """One results.json per replicate (modnets.results has the contract), and the W&B summaries.
+    The files are written once W&B has finished every run, so that each names its W&B run or null."""
     task, model, seeds = b.task, b.model, b.seeds
     params = count_parameters(model, len(seeds))
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
     routings = model.routing_summary()
     modules = draw.modules_json(model, task.circuits) or [None] * len(seeds)
     circuits = [draw.circuit_json(c) for c in task.circuits] if task.circuits else None
-    recoveries = recovery.with_baselines(model, task, recovery.measure(model, task), recorder.recovery_init)
+    epoch, measured = recorder.last_recovery  # measured after the last epoch: still the weights when none diverged
+    if epoch != int(cfg.trainer.epochs) or diverged:  # (a diverged replicate's weights were put back since)
+        measured = recovery.measure(model, task)
+    recoveries = recovery.with_baselines(model, task, measured, recorder.recovery_init)
     majority = majority_baseline(task)
     gaps = recorder.evaluator.discretisation_gap(model, len(seeds))  # soft router methods only
     if recoveries is not None and gaps is not None:
         recoveries = [r | g for r, g in zip(recoveries, gaps)]
     commit = git_commit()
     results = []
-    for r, (d, history, wandb_run) in enumerate(zip(logs.dirs, recorder.histories, logs.runs)):
+    for r, (history, wandb_run) in enumerate(zip(recorder.histories, logs.runs)):
         if r in diverged:  # keep the evaluations before the epoch whose training loss was NaN or inf
             history[:] = [h for h in history if h["epoch"] < diverged[r]]
             if recorder.recovery_history is not None:
@@ -417,7 +446,7 @@ def write_results(
             "recovery": recoveries and {**recoveries[r], "history": recorder.recovery_history[r]},
             "majority": majority,
             "config_hash": config_hash(logs.configs[r]),
-            "train_time_s": times["train"],
+            "train_time_s": times["train"] - times["open_runs"],
             "wall_time_s": time.time() - times["start"],
             "device": str(b.device),
             "modnets_version": modnets.__version__,
@@ -425,19 +454,34 @@ def write_results(
             "wandb_id": wandb_run.id,
             "wandb_group": logs.group if wandb_run.id else None,  # the W&B group it logged to (aggregate.py --wandb)
         }
+        results.append(result)
+    times["results"] = time.time()
+    written = []
+    for r, (d, result, wandb_run) in enumerate(zip(logs.dirs, results, logs.runs)):
+        result["timings_s"] = phases(times)
         try:
-            result = write_json(d / "results.json", result)
+            written.append(write_json(d / "results.json", result))
         except OSError as e:  # a full disk: W&B runs are closed, the checkpoint stays for the relaunch
             for later in logs.runs[r:]:
                 later.finish()
             raise RunError(f"could not write {d / 'results.json'}: {e.strerror or one_line(e)}; {kept(cfg)}") from None
-        logs.pictures.finish(result, d, wandb_run, step=max(recorder.epoch, 1))
+        logs.pictures.finish(written[-1], d, wandb_run, step=max(recorder.epoch, 1))
+        history, best = result["history"], result["best"]
         summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
         wandb_run.finish(summary)
-        results.append(result)
-    return results
+    started = logs.logger.close() if hasattr(logs.logger, "close") else None  # wait until W&B has finished every run
+    for r, (d, result) in enumerate(zip(logs.dirs, written)):
+        if started is not None and result["wandb_id"] not in started | {None}:  # W&B could not start it (rare): say so
+            written[r] = write_json(d / "results.json", result | {"wandb_id": None, "wandb_group": None})
+    return written
+
+
+def phases(times: dict) -> dict[str, float]:
+    """Seconds of each phase of a run so far, from the time stamps taken at the end of each."""
+    names, stamps = list(times), list(times.values())
+    return {name: round(b - a, 4) for name, a, b in zip(names[1:], stamps, stamps[1:])}
 
 
 def majority_baseline(task) -> dict[str, float]:
@@ -501,21 +545,31 @@ def run(cfg: DictConfig) -> list[dict]:
 
 
 def train(cfg: DictConfig, start: float) -> list[dict]:
-    """Build, train and write the results files (`run` without its folder bookkeeping)."""
-    b = build(cfg)
-    evaluator = Evaluator(b.task, int(cfg.trainer.eval_batch_size))
-    logs = open_runs(cfg, b)
-    recorder = Recorder(cfg, b, evaluator, logs)
-    fit_start = time.time()
-    extra = {"recovery_history": recorder.recovery_history}  # state on_eval computes from the model: checkpointed as is
-    diverged = fit(
-        cfg, task=b.task, model=b.model, optimizer=b.optimizer, scheduler=b.scheduler, generators=b.generators,
-        evaluator=evaluator, on_eval=recorder, extra_state=extra,
-    )
-    times = {"start": start, "train": time.time() - fit_start}
-    results = write_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
-    selection.write_selected(cfg, results, wandb=logs.wandb)
-    return results
+    """Build, train and write the results files (`run` without its folder bookkeeping). W&B starts
+    first, in its own process, so that it imports itself while this one builds and trains."""
+    logger = instantiate(cfg.logger)
+    if hasattr(logger, "launch"):
+        logger.launch()
+    times = {"start": start, "wandb_launch": time.time()}  # time stamps at the end of each phase: timings_s
+    try:
+        b = build(cfg)
+        evaluator = Evaluator(b.task, int(cfg.trainer.eval_batch_size))
+        times["build"] = time.time()
+        logs = open_runs(cfg, b, logger)
+        recorder = Recorder(cfg, b, evaluator, logs)
+        times["open_runs"] = time.time()
+        extra = {"recovery_history": recorder.recovery_history}  # state on_eval computes from the model: checkpointed as is
+        diverged = fit(
+            cfg, task=b.task, model=b.model, optimizer=b.optimizer, scheduler=b.scheduler, generators=b.generators,
+            evaluator=evaluator, on_eval=recorder, extra_state=extra,
+        )
+        times["train"] = time.time()
+        results = write_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
+        selection.write_selected(cfg, results, wandb=logs.wandb)
+        return results
+    finally:
+        if hasattr(logger, "close"):
+            logger.close()  # after an error too: the W&B worker finishes its runs and exits (a no-op when done)
 
 
 def failed(cfg: DictConfig, e: Exception) -> None:

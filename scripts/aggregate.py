@@ -350,6 +350,7 @@ def log_to_wandb(rows: list[dict], columns: list[str], figures: list[Path], path
     for figure in figures:
         run.log_image(figure.stem, figure, step=0)
     run.finish()
+    logger.close()  # W&B works in its own process: wait until the run is written
     return getattr(run, "directory", None) and str(out / "wandb")
 
 

@@ -3,12 +3,20 @@
     python scripts/bench.py                          # all cases, R = 1, 8, 32, 128, plus the CLI
     python scripts/bench.py --replicates 1 32 --cases modular shared --device cuda
     python scripts/bench.py --out bench.json         # also write the table as JSON
+    python scripts/bench.py --targets                # the interactive-speed targets beside the measurements
+    python scripts/bench.py --startup                # where one `modnets-train experiment=modular` spends its time
 
 "train" is the training loop of one process (forward, backward, optimizer, evaluation of
 every split every epoch as the presets do), timed by `results.json`'s `train_time_s`.
 "cli" is the whole `modnets-train experiment=...` command end to end (interpreter start,
 Hydra, W&B offline run, results files). The original code's times for one run (2-core CPU)
 are the reference: a seed sweep of R runs costs R times that.
+
+`--targets` measures the end-to-end commands the speed targets are about (each the median of
+`--repeats` runs) and prints each target beside its measurement; `--startup` splits one
+end-to-end run into interpreter start, imports, Hydra, build, W&B start, training, results
+and recovery, and writing, from `results.json`'s `timings_s`, plus what W&B adds end to end,
+so that a regression shows where it is. Timings need a quiet machine: on a loaded one they say little.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,18 +90,137 @@ def time_cli(preset: str, replicates: int, device: str, threads: int | None) -> 
         return time.perf_counter() - start
 
 
+# The interactive-speed targets (2-core CPU): what is measured, the limit, and its unit.
+TARGETS = [
+    ("cli_1_offline", "modnets-train experiment=modular, W&B offline: end to end", 3.0, "s"),
+    ("train_1", "  of which training", 1.0, "s"),
+    ("step_1", "  per step at batch 8", 0.7, "ms"),
+    ("cli_32_offline", "32 replicates, W&B offline: end to end", 6.0, "s"),
+    ("wandb_per_run", "  W&B per replicate run (offline minus disabled, / 32)", 50.0, "ms"),
+    ("cli_1024_disabled", "1024 replicates, W&B off: end to end", 20.0, "s"),
+    ("outside_1024", "  outside training (build, results, recovery, files)", 3.0, "s"),
+]
+
+
+def cli_run(replicates: int, mode: str, threads: int | None, device: str = "cpu") -> dict:
+    """One end-to-end `python -m modnets.train experiment=modular`: wall seconds and its timings."""
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable, "-m", "modnets.train", "experiment=modular", f"trainer.replicates={replicates}",
+                f"trainer.device={device}", f"trainer.threads={threads or 'null'}", "trainer.progress=false",
+                f"logger.mode={mode}", f"hydra.run.dir={out}",
+            ],
+            check=True, cwd=ROOT, capture_output=True, env={**os.environ, "WANDB_SILENT": "true"},
+        )
+        wall = time.perf_counter() - start
+        result = json.loads(next(Path(out).rglob("results.json")).read_text())
+    timings = result.get("timings_s", {})  # results of older versions have none
+    return {"wall": wall, "train": result["train_time_s"], "inside": result["wall_time_s"], "timings": timings}
+
+
+def python_wall(code: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
+    return time.perf_counter() - start
+
+
+COMPOSE = """import time, modnets.train, scripts.bench as b
+start = time.perf_counter(); b.compose("experiment=modular"); print(time.perf_counter() - start)"""
+
+
+def compose_seconds() -> float:
+    """Seconds Hydra takes to compose the modular preset, in a fresh process that imported modnets.train."""
+    out = subprocess.run([sys.executable, "-c", COMPOSE], check=True, cwd=ROOT, capture_output=True, text=True)
+    return float(out.stdout.split()[-1])
+
+
+def median_of(repeats: int, fn) -> dict:
+    """Per key, the median over `repeats` calls of fn() (a dict of numbers, or of dicts of numbers)."""
+    runs = [fn() for _ in range(repeats)]
+    med = lambda values: statistics.median(values)  # noqa: E731
+    return {
+        k: {j: med([r[k][j] for r in runs]) for j in v} if isinstance(v, dict) else med([r[k] for r in runs])
+        for k, v in runs[0].items()
+    }
+
+
+def startup(repeats: int, threads: int | None) -> dict[str, float]:
+    """Seconds of each part of one end-to-end run (W&B offline), medians of `repeats`; and what
+    W&B adds end to end (the same run with W&B disabled)."""
+    bare = median_of(repeats, lambda: {"t": python_wall("pass")})["t"]
+    imported = median_of(repeats, lambda: {"t": python_wall("import modnets.train")})["t"]
+    composing = median_of(repeats, lambda: {"t": compose_seconds()})["t"]
+    run = median_of(repeats, lambda: cli_run(1, "offline", threads))
+    quiet = median_of(repeats, lambda: cli_run(1, "disabled", threads))
+    t = run["timings"]
+    parts = {
+        "interpreter start": bare,
+        "imports (modnets.train: torch, hydra, ...)": imported - bare,
+        "Hydra: compose the config": composing,
+        "W&B worker launch": t["wandb_launch"],
+        "build (task, model, optimizer)": t["build"],
+        "W&B runs opened, recovery baseline (imports scipy)": t["open_runs"],
+        "training (fit)": t["train"],
+        "results (recovery, FLOPs, summaries)": t["results"],
+        "writing results.json, W&B finishing, Hydra, exit": run["wall"] - imported - composing - sum(t.values()),
+    }
+    print(f"one `modnets-train experiment=modular` (W&B offline), median of {repeats}: {run['wall']:.2f} s end to end")
+    for name, seconds in parts.items():
+        print(f"  {name:<52} {seconds:>7.3f} s")
+    extra = run["wall"] - quiet["wall"]
+    print(f"  {'(W&B offline adds, against logger.mode=disabled)':<52} {extra:>7.3f} s")
+    return parts | {"end to end": run["wall"], "W&B adds": extra}
+
+
+def targets(repeats: int, threads: int | None) -> list[dict]:
+    """Measure every target (medians of `repeats`) and print it beside its limit."""
+    one = median_of(repeats, lambda: cli_run(1, "offline", threads))
+    steps = 200 * math.ceil(51 / 8)  # the modular preset: 200 epochs of 51 training rows at batch 8
+    off32 = median_of(repeats, lambda: cli_run(32, "disabled", threads))
+    on32 = median_of(repeats, lambda: cli_run(32, "offline", threads))
+    big = median_of(max(1, repeats // 2), lambda: cli_run(1024, "disabled", threads))
+    measured = {
+        "cli_1_offline": one["wall"], "train_1": one["train"], "step_1": one["train"] / steps * 1e3,
+        "cli_32_offline": on32["wall"], "wandb_per_run": (on32["wall"] - off32["wall"]) / 32 * 1e3,
+        "cli_1024_disabled": big["wall"], "outside_1024": big["inside"] - big["train"],
+    }
+    rows = []
+    print(f"{'target':<62} {'measured':>9} {'limit':>7}  met")
+    for key, what, limit, unit in TARGETS:
+        value = measured[key]
+        rows.append({"target": key, "measured": round(value, 3), "limit": limit, "unit": unit, "met": value <= limit})
+        print(f"{what:<62} {value:>7.2f}{unit:>2} {limit:>5.1f}{unit:>2}  {'yes' if value <= limit else 'NO'}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--replicates", nargs="*", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="trainer.threads (default: the config's)")
-    parser.add_argument("--repeats", type=int, default=1, help="best of N for each training timing")
+    parser.add_argument("--repeats", type=int, default=1, help="best of N per training timing; median for --targets, --startup")
     parser.add_argument("--cli-replicates", nargs="*", type=int, default=[1, 32], help="R for the end-to-end CLI timings")
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--targets", action="store_true", help="only the interactive-speed targets, beside the measurements")
+    parser.add_argument("--startup", action="store_true", help="only the breakdown of one end-to-end run")
     args = parser.parse_args()
 
     import torch
+
+    if args.targets or args.startup:
+        load = os.getloadavg()[0]
+        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f} (timings need a quiet machine)")
+        meta = {"torch": torch.__version__, "load_average": os.getloadavg()[0]}
+        if args.startup:
+            meta["startup"] = startup(args.repeats, args.threads)
+        if args.targets:
+            meta["targets"] = targets(args.repeats, args.threads)
+        if args.out:
+            Path(args.out).write_text(json.dumps(meta, indent=1))
+        return
 
     rows = []
     header = f"{'case':<14} {'R':>4} {'train s':>8} {'steps/s':>8} {'runs/s':>8} {'vs original':>12} {'mean heldout acc':>16}"

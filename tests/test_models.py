@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from modnets.config import ConfigError
-from modnets.models import MLP, ModularNet, parameter_groups
+from modnets.models import MLP, ModularNet, ModuleBank, parameter_groups
 from modnets.routers import Learned
 from modnets.tasks import BooleanTask
 
@@ -92,3 +92,24 @@ def test_widths_that_cannot_work_are_config_errors(kwargs, routing, key):
 def test_widths_follow_the_task():
     model = ModularNet(BooleanTask([6, 3, 3, 2, 2]), Learned(), gens(0))
     assert [b.weights[0].shape[1] for b in model.banks] == [3, 3, 2]
+
+
+def test_module_bank_computes_what_its_einsum_did_bit_for_bit():
+    """ModuleBank runs the bmm of einsum("rbni,rnio->rbno") directly: same outputs and gradients."""
+    bank = ModuleBank([torch.Generator().manual_seed(s) for s in (1, 2, 3)], 3, [2, 12, 1])
+    x = torch.randn(3, 8, 3, 2, generator=torch.Generator().manual_seed(5))
+
+    def einsum_bank(x):
+        for i, (w, b) in enumerate(zip(bank.weights, bank.biases)):
+            x = torch.einsum("rbni,rnio->rbno", x, w) + b.unsqueeze(1)
+            x = torch.relu(x) if i == 0 else x
+        return x
+
+    runs = []
+    for forward in (bank, einsum_bank):
+        xs = x.clone().requires_grad_()
+        bank.zero_grad()
+        out = forward(xs)
+        (out.squeeze(-1) ** 2 * torch.arange(1.0, 4.0)).sum().backward()
+        runs.append([out.detach(), xs.grad, *(p.grad.clone() for p in bank.parameters())])
+    assert runs[0][0].abs().sum() > 0 and all(torch.equal(a, b) for a, b in zip(*runs))

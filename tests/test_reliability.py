@@ -271,7 +271,7 @@ def test_wandb_folder_filling_up_during_the_run_warns_and_results_are_written(cf
 
 # ------------------------------------------------------------------------------------- determinism
 
-TIMINGS = ("train_time_s", "wall_time_s", "checksum")  # the checksum covers the timings
+TIMINGS = ("train_time_s", "wall_time_s", "timings_s", "checksum")  # the checksum covers the timings
 
 
 def test_same_config_and_seed_give_identical_results_files(cfg_in, tmp_path):

@@ -210,6 +210,26 @@ def test_sample_efficiency_architectures_compose_and_run(cfg_in, arch, model, kn
         assert cfg.router.known_inputs == known and (result["recovery"]["input_routing"] == 1.0 or not known)
 
 
+def test_config_hash_is_the_hash_of_the_config_without_the_ignored_keys(cfg_in):
+    """The hash that resumable sweeps compare: sha256 of the sorted JSON minus UNHASHED keys, config untouched."""
+    import copy
+    import hashlib
+
+    from modnets.results import UNHASHED
+
+    config = replicate_config(cfg_in("experiment=shared", "trainer.epochs=2"), 0)
+    before = copy.deepcopy(config)
+    expected = copy.deepcopy(config)
+    for key in UNHASHED:
+        *parents, last = key.split(".")
+        node = expected
+        for p in parents:
+            node = node[p]
+        del node[last]
+    digest = hashlib.sha256(json.dumps(expected, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert config_hash(config) == digest and config == before
+
+
 def test_a_requeue_signal_ends_the_epoch_writes_a_checkpoint_and_the_requeued_run_matches(cfg_in, monkeypatch, capsys, tmp_path):
     """submitit's USR2 handler (time limit, preemption) runs only after the epoch's checkpoint is written."""
     import logging

@@ -78,6 +78,18 @@ def test_multirun_sweep_writes_results_and_offline_wandb_runs(tmp_path):
     assert {run.name.rsplit("-", 1)[-1] for run in runs} == ids
 
 
+def test_offline_wandb_runs_hold_every_logged_epoch_and_the_summary(cfg_in, tmp_path):
+    cfg = cfg_in("experiment=modular", "trainer.epochs=3", "trainer.replicates=2")
+    cfg.logger.mode = "offline"
+    results = run(cfg)  # W&B runs in its worker process; run() returns once every W&B run is finished
+    for result in results:
+        seed = result["config"]["seed"]
+        (file,) = (tmp_path / "run" / f"seed_{seed}" / "wandb").glob(f"offline-run-*-{result['wandb_id']}/run-*.wandb")
+        records = file.read_bytes()  # protobuf records: keys are stored as plain strings
+        assert records.count(b"heldout_exact") >= 3, "one history row per epoch"
+        assert b"final/heldout_acc" in records and b"recovery/input_routing" in records
+
+
 def test_modularity_override_reshapes_the_model(cfg_in):
     result = run(cfg_in("task.modularity=[6,3,3,2,2]", "router=known", "trainer.epochs=1"))[0]
     assert len(result["routing"]["inputs"]) == 3
