@@ -13,6 +13,21 @@ ENV = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 QUIET = ["debug=quiet"]  # conf/debug/quiet.yaml: no W&B, no progress lines, one thread (the CI machine is shared)
 
 
+def main_in_process(*argv: str) -> int:
+    """`modnets-train ARGV` in this process (the console script's own entry point): its exit code."""
+    from modnets.train import main
+
+    saved = sys.argv
+    sys.argv = ["modnets-train", *argv]
+    try:
+        main()
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = saved
+
+
 def make_cfg(*overrides, output_dir=None):
     """Compose conf/config.yaml with overrides, as modnets-train would (quiet: W&B off unless asked)."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

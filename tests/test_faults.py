@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ENV, QUIET, make_cfg
+from conftest import ENV, QUIET, main_in_process, make_cfg
 from test_digits import write_idx
 
 import modnets.results
 import modnets.train
 from modnets.digits import MNIST_FILES
-from modnets.train import main, run
+from modnets.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["trainer.epochs=6", "trainer.checkpoint_every=2", "task.noise=0.1"]  # checkpoints after epochs 2 and 4
@@ -39,16 +39,8 @@ spec.loader.exec_module(aggregate)
 
 def train_cli(capsys, *overrides):
     """`modnets-train debug=quiet OVERRIDES` in this process: (exit code, stderr lines from modnets)."""
-    argv = sys.argv
     flags = [o for o in overrides if o == "-m"]  # before the overrides
-    sys.argv = ["modnets-train", *flags, *QUIET, *(o for o in overrides if o != "-m")]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
+    code = main_in_process(*flags, *QUIET, *(o for o in overrides if o != "-m"))
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     return code, [line for line in err.splitlines() if line.strip()]

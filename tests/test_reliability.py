@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, QUIET, cli, make_cfg
+from conftest import ENV, QUIET, cli, main_in_process, make_cfg
 
 import modnets.logger
 import modnets.train
 from modnets.checkpoint import Checkpointer
 from modnets.config import ConfigError, validate
-from modnets.train import build, main, run
+from modnets.train import build, run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,15 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def modnets_train(capsys, tmp_path, *overrides):
     """`modnets-train OVERRIDES` in this process (the console script's own entry point):
     (exit code, stderr lines)."""
-    argv = sys.argv
-    sys.argv = ["modnets-train", *QUIET, *overrides, f"hydra.run.dir={tmp_path / 'cli'}"]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
+    code = main_in_process(*QUIET, *overrides, f"hydra.run.dir={tmp_path / 'cli'}")
     return code, capsys.readouterr().err.strip().splitlines()
 
 
