@@ -409,12 +409,15 @@ class Pictures:
     W&B run at checkpoints during training (the trainer calls `checkpoint` at every other recovery
     checkpoint; redrawn only when what it shows changed, else the last file is logged again) and
     at the end. Off (matplotlib never imported) when disabled, for models
-    without routed modules and when matplotlib is missing (one warning)."""
+    without routed modules and when matplotlib is missing (one warning). Only the first `limit`
+    replicates of a run get pictures (`logger.max_pictures`: a picture costs about 65 ms, so 1024
+    seeds would spend a minute drawing); `scripts/draw_circuit.py` draws any other from its results."""
 
-    def __init__(self, enabled: bool, model, task, logs):
+    def __init__(self, enabled: bool, model, task, logs, limit: int = 16):
         self.circuits = [circuit_json(c) for c in task.circuits] if task.circuits else None
         self.dirs, self.runs, self.configs = logs.dirs, logs.runs, logs.configs
-        self.on = bool(enabled) and has_modules(model) and available()
+        self.on = bool(enabled) and has_modules(model) and available() and limit > 0
+        self.pictured = set(self.dirs[: max(0, int(limit))])  # the run folders that get pictures
         self.drawn: dict[Path, str] = {}
 
     def checkpoint(self, model, task, epoch: int) -> None:
@@ -422,7 +425,7 @@ class Pictures:
             return
         modules = modules_json(model, task.circuits)
         for d, run, routing, mods, config in zip(self.dirs, self.runs, model.routing_summary(), modules, self.configs):
-            if getattr(run, "live", False):
+            if getattr(run, "live", False) and d in self.pictured:
                 result = {"routing": routing, "modules": mods, "circuits": self.circuits, "config": config}
                 run.log_image("circuit", self.picture(result, d), step=epoch)
 
@@ -444,6 +447,6 @@ class Pictures:
         if getattr(run, "live", False):
             columns, rows = module_rows(p)
             run.log_table("modules", columns, rows, step=step)
-        if self.on:
+        if self.on and d in self.pictured:
             path = self.picture(result, d)
             run.log_image("circuit", path, step=step)

@@ -335,7 +335,7 @@ def open_runs(cfg: DictConfig, b: SimpleNamespace, logger) -> SimpleNamespace:
     logs = SimpleNamespace(dirs=dirs, configs=configs, runs=runs, max_points=logger.max_points, group=logger.group or group)
     logs.logger = logger
     logs.wandb = (logger, name, logs.group)  # the selected run's W&B run (modnets.selection)
-    logs.pictures = draw.Pictures(logger.pictures, model, task, logs)
+    logs.pictures = draw.Pictures(logger.pictures, model, task, logs, limit=logger.max_pictures)
     return logs
 
 

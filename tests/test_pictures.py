@@ -131,6 +131,12 @@ def test_mlp_runs_have_no_picture(cfg_in, tmp_path):
     assert result["modules"] is None and not (tmp_path / "run" / "circuit.png").exists()
 
 
+def test_only_the_first_max_pictures_replicates_of_a_run_get_a_picture(cfg_in, tmp_path):
+    results = run(cfg_in("experiment=modular", "trainer.epochs=1", "trainer.replicates=3", "logger.max_pictures=2"))
+    drawn = sorted(p.parent.name for p in (tmp_path / "run").glob("seed_*/circuit.png"))
+    assert drawn == ["seed_1", "seed_2"] and all(r["modules"] is not None for r in results)  # seeds 1, 2 of 1..3
+
+
 def wandb_records(run_dir: Path, wait: float = 30.0) -> list:
     """The records of a finished offline W&B run, read from its .wandb file once it holds the run's
     `exit` record (W&B's own process may still be writing the file when `finish()` returns)."""
