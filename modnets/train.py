@@ -406,8 +406,15 @@ def progress_line(epoch: int, epochs: int, rows: list[dict]) -> str:
 def write_results(
     cfg: DictConfig, b: SimpleNamespace, logs: SimpleNamespace, recorder: Recorder, diverged: dict[int, int], times: dict
 ) -> list[dict]:
-    """One results.json per replicate (modnets.results has the contract), and the W&B summaries.
-    The files are written once W&B has finished every run, so that each names its W&B run or null."""
+    """One results.json per replicate (modnets.results has the contract), and the W&B summaries."""
+    results, recoveries = collect_results(cfg, b=b, logs=logs, recorder=recorder, diverged=diverged, times=times)
+    return save_results(cfg, logs=logs, recorder=recorder, results=results, recoveries=recoveries, times=times)
+
+
+def collect_results(
+    cfg: DictConfig, b: SimpleNamespace, logs: SimpleNamespace, recorder: Recorder, diverged: dict[int, int], times: dict
+) -> tuple[list[dict], list[dict] | None]:
+    """Each replicate's results (without `timings_s`), and its recovery metrics for the W&B summary."""
     task, model, seeds = b.task, b.model, b.seeds
     params = count_parameters(model, len(seeds))
     flops = count_flops(model, task, len(seeds), int(cfg.trainer.epochs) * len(task.splits["train"]))
@@ -455,10 +462,19 @@ def write_results(
             "wandb_group": logs.group if wandb_run.id else None,  # the W&B group it logged to (aggregate.py --wandb)
         }
         results.append(result)
+    return results, recoveries
+
+
+def save_results(
+    cfg: DictConfig, logs: SimpleNamespace, recorder: Recorder, results: list[dict], recoveries: list[dict] | None, times: dict
+) -> list[dict]:
+    """Write every results.json, its picture and its W&B summary. The files are written again once W&B
+    has finished every run when W&B could not start one, so that each names its W&B run or null."""
     times["results"] = time.time()
+    timings = phases(times)
     written = []
     for r, (d, result, wandb_run) in enumerate(zip(logs.dirs, results, logs.runs)):
-        result["timings_s"] = phases(times)
+        result["timings_s"] = timings
         try:
             written.append(write_json(d / "results.json", result))
         except OSError as e:  # a full disk: W&B runs are closed, the checkpoint stays for the relaunch
