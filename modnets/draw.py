@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from modnets import recovery
 from modnets.circuits import Circuit, Gate, default_gates, joint_library
@@ -167,6 +166,8 @@ def library_relabelling(p: dict, perms_per_task: list) -> dict[int, int]:
     counts = np.zeros((max(a for a, _ in pairs) + 1, len(library)))
     for a, b in pairs:
         counts[a, b] += 1
+    from scipy.optimize import linear_sum_assignment  # here: importing scipy costs a third of a second
+
     rows, cols = linear_sum_assignment(counts, maximize=True)
     return dict(zip(rows.tolist(), cols.tolist()))
 

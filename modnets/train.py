@@ -287,6 +287,22 @@ def set_deterministic(on: bool, device: torch.device) -> None:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
+TORCH_THREADS = torch.get_num_threads()  # torch's default here (OMP_NUM_THREADS), before a run changes it
+SMALL_STEP = 5e5  # multiply-adds of a step below which one thread is fastest
+
+
+def auto_threads(model: torch.nn.Module, task, batch: int) -> int:
+    """`trainer.threads: null`: one thread for a small model on vector inputs (its tiny ops run no
+    faster on more threads, and on a busy machine the extra threads' waiting makes them many times
+    slower), else torch's default. Small: all replicates' parameters times the rows of a step and
+    its share of an evaluation of every row, under `SMALL_STEP`."""
+    if not isinstance(task.x, torch.Tensor) or task.x.dim() != 2:  # images: convolutions work more than parameters say
+        return TORCH_THREADS
+    steps = -(-len(task.splits["train"]) // batch)
+    work = sum(p.numel() for p in model.parameters()) * (batch + len(task.x) / steps)
+    return 1 if work < SMALL_STEP else TORCH_THREADS
+
+
 def build(cfg: DictConfig):
     """Task, routing, model, optimizer, scheduler and generators from the config.
 
@@ -316,6 +332,8 @@ def build(cfg: DictConfig):
     check(isinstance(model, torch.nn.Module) and isinstance(model, Model), "model._target_", cfg.model._target_, allowed)
     model.to(device)
     task.to(device)
+    if not tr.get("threads"):
+        torch.set_num_threads(auto_threads(model, task, int(tr.batch_size)))
     optimizer = instantiate(cfg.optimizer)(parameter_groups(model, routing, float(cfg.optimizer.lr)))
     scheduler = ExponentialLR(optimizer, gamma=float(tr.lr_gamma))  # torch's, without importing torch._dynamo
     return SimpleNamespace(
