@@ -95,7 +95,7 @@ def select_forward(router: TopKRouter, h: torch.Tensor) -> tuple[torch.Tensor, t
     k = router.k
     mask = topk_mask(logits, k)
     out = torch.bmm(h, mask.view(R, W, k * n)).view(R, -1, k, n).transpose(2, 3)
-    s = torch.sigmoid(logits / router.tau) if logits.requires_grad else None
+    s = torch.sigmoid(logits / router.tau if router.tau != 1 else logits) if logits.requires_grad else None  # x / 1 is x
     return out, (h, mask, s)
 
 
@@ -107,7 +107,8 @@ def select_backward(router: TopKRouter, saved: tuple, grad: torch.Tensor, need_i
     g = grad.transpose(2, 3).reshape(R, -1, k * n)
     if s is not None:  # learned: the gradient reaches the logits as if the mask were hard + s - s.detach()
         grad_mask = h.transpose(1, 2).bmm(g).view(R, 1, W, k, n).sum(3)
-        accumulate(router.logits, torch.ops.aten.sigmoid_backward(grad_mask, s) / router.tau)
+        grad_logits = torch.ops.aten.sigmoid_backward(grad_mask, s)
+        accumulate(router.logits, grad_logits / router.tau if router.tau != 1 else grad_logits)
     return g.bmm(mask.view(R, W, k * n).transpose(1, 2)) if need_input else None
 
 

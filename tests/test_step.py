@@ -14,6 +14,7 @@ COVERED = [
     ["experiment=mlp"],
     ["experiment=modular", "model.hidden=[5,7]", "router.topk=3", "task.noise=0.1"],  # deeper modules, arity 3
     ["experiment=mlp", "trainer.batch_size=5"],
+    ["experiment=modular", "router.tau=0.5", "optimizer.lr=0.05"],  # a temperature: gradients divided by it
 ]
 
 
