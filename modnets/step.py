@@ -45,7 +45,10 @@ class HandStep:
     every trainable parameter's `.grad` (as `losses.sum().backward()` would)."""
 
     def __init__(self, model, routers: list[TopKRouter], banks: list[ModuleBank], output_router: TopKRouter | None):
-        self.model, self.routers, self.banks, self.output_router = model, routers, banks, output_router
+        self.model = model
+        self.routers = [Selector(r) for r in routers]
+        self.banks = [Bank(b) for b in banks]
+        self.output_router = Selector(output_router) if output_router is not None else None
 
     @torch.no_grad()  # the functions below run inside it: they record no graph
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -79,6 +82,29 @@ class HandStep:
         return losses
 
 
+class Selector:
+    """A `TopKRouter`'s logits and arity, read without nn.Module's attribute lookup (the same
+    Parameter objects: the optimizer and checkpoints update them in place), and its current `tau`."""
+
+    __slots__ = ("router", "logits", "k")
+
+    def __init__(self, router: TopKRouter):
+        self.router, self.logits, self.k = router, router.logits, router.k
+
+    @property
+    def tau(self) -> float:
+        return self.router.tau  # the method's schedule sets it every epoch
+
+
+class Bank:
+    """A `ModuleBank`'s weights and biases (the same Parameter objects), per layer."""
+
+    __slots__ = ("weights", "biases")
+
+    def __init__(self, bank: ModuleBank):
+        self.weights, self.biases = list(bank.weights), list(bank.biases)
+
+
 def accumulate(p: torch.nn.Parameter, grad: torch.Tensor) -> None:
     """What autograd's AccumulateGrad does with a new gradient of a leaf."""
     if p.grad is None:
@@ -87,7 +113,7 @@ def accumulate(p: torch.nn.Parameter, grad: torch.Tensor) -> None:
         p.grad.add_(grad)
 
 
-def select_forward(router: TopKRouter, h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+def select_forward(router: Selector, h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """`TopKRouter`'s training forward on one router row: h [R, B, width] -> the picked inputs
     [R, B, consumers, k] (a batched matmul with the hard top-k mask) and what backward needs."""
     logits = router.logits  # [R, 1, width, consumers]
@@ -99,7 +125,7 @@ def select_forward(router: TopKRouter, h: torch.Tensor) -> tuple[torch.Tensor, t
     return out, (h, mask, s)
 
 
-def select_backward(router: TopKRouter, saved: tuple, grad: torch.Tensor, need_input: bool) -> torch.Tensor | None:
+def select_backward(router: Selector, saved: tuple, grad: torch.Tensor, need_input: bool) -> torch.Tensor | None:
     """Gradients of `select_forward` from grad [R, B, consumers, k]: into the logits through the
     straight-through estimator (sigmoid(logits / tau)), and returned for h when `need_input`."""
     h, mask, s = saved
@@ -112,12 +138,12 @@ def select_backward(router: TopKRouter, saved: tuple, grad: torch.Tensor, need_i
     return g.bmm(mask.view(R, W, k * n).transpose(1, 2)) if need_input else None
 
 
-def bank_forward(bank: ModuleBank, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+def bank_forward(bank: Bank, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """`ModuleBank.forward` (same ops), keeping each layer's input and activation for backward."""
     R, B, n, _ = x.shape
-    last = len(bank.arch) - 2
+    last = len(bank.weights) - 1
     inputs, activations = [], []
-    for i, (w, b) in enumerate(zip(bank.weights._parameters.values(), bank.biases._parameters.values())):
+    for i, (w, b) in enumerate(zip(bank.weights, bank.biases)):
         xt = x.transpose(1, 2).reshape(R * n, B, -1)
         inputs.append(xt)
         x = torch.bmm(xt, w.reshape(R * n, *w.shape[2:])).view(R, n, B, -1).transpose(1, 2) + b.unsqueeze(1)
@@ -127,12 +153,12 @@ def bank_forward(bank: ModuleBank, x: torch.Tensor) -> tuple[torch.Tensor, tuple
     return x, (inputs, activations)
 
 
-def bank_backward(bank: ModuleBank, saved: tuple, grad: torch.Tensor, need_input: bool) -> torch.Tensor | None:
+def bank_backward(bank: Bank, saved: tuple, grad: torch.Tensor, need_input: bool) -> torch.Tensor | None:
     """Gradients of `bank_forward` from grad [R, B, n, out] into every weight and bias; returned
     for the bank's input [R, B, n, in] when `need_input`."""
     inputs, activations = saved
     R, B, n = grad.shape[:3]
-    weights, biases = list(bank.weights._parameters.values()), list(bank.biases._parameters.values())
+    weights, biases = bank.weights, bank.biases
     for i in reversed(range(len(weights))):
         w = weights[i]
         if i < len(activations):
