@@ -91,3 +91,20 @@ def test_training_by_hand_equals_training_through_autograd(cfg_in, monkeypatch, 
     assert torch.equal(by_hand, through_autograd)
     for p, q in zip(params, autograd_params, strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "overrides, one_thread",
+    [
+        (["experiment=modular"], True),
+        (["experiment=mlp"], True),
+        (["experiment=mlp", "trainer.replicates=32"], False),  # 32 x 2.8k parameters x 64 rows: big enough to split
+        (["experiment=digits_cnn", "trainer.epochs=1"], False),  # images: torch's default
+    ],
+)
+def test_threads_null_picks_one_thread_for_small_models_only(cfg_in, monkeypatch, overrides, one_thread):
+    monkeypatch.setattr(modnets.train, "TORCH_THREADS", 3)  # torch's default on a 3-core machine
+    cfg = cfg_in(*overrides, "trainer.threads=null", "trainer.device=cpu")
+    b = build(cfg)
+    assert modnets.train.auto_threads(b.model, b.task, int(cfg.trainer.batch_size)) == (1 if one_thread else 3)
+    assert torch.get_num_threads() == (1 if one_thread else 3)
