@@ -258,8 +258,8 @@ def test_a_wrong_wire_is_drawn_in_red_where_it_runs_and_nothing_else_is_red(tmp_
     scene = draw.scene(p)
     (wire,) = scene.wires[False]
     left, top = scene.frame[:2]
-    px = [(wire[0] - left) * draw.COL_IN * 80, (wire[2] - left) * draw.COL_IN * 80]
-    py = [(top - wire[1]) * draw.ROW_IN * 80, (top - wire[3]) * draw.ROW_IN * 80]
+    px = [(wire[0] - left) * draw.COL_IN * draw.DPI, (wire[2] - left) * draw.COL_IN * draw.DPI]
+    py = [(top - wire[1]) * draw.ROW_IN * draw.DPI, (top - wire[3]) * draw.ROW_IN * draw.DPI]
     red = red_pixels(draw.draw(p, tmp_path / "wrong.png"))
     assert len(red) > 10  # dashes along the wire
     assert min(px) - 3 <= red[:, 0].min() and red[:, 0].max() <= max(px) + 3  # ... and red nowhere else
@@ -271,8 +271,8 @@ def test_a_wide_random_circuits_picture_has_fixed_rows_and_a_bounded_size(tmp_pa
     c = random_circuit(n_inputs, [n_inputs // 2, n_inputs // 4, n_inputs // 8], seed=1)
     path = draw.draw(draw.picture_of(perfect([c])), tmp_path / "wide.png")
     width, height = png_size(path)
-    assert height == round((n_inputs + draw.TITLE_H + 0.6) * draw.ROW_IN * 80)  # one fixed-height row per input
-    assert width == round(2 * (3 + draw.PANEL_W) * draw.COL_IN * 80)  # two panels of three layers: not wider with more inputs
+    assert height == round((n_inputs + draw.TITLE_H + 0.6) * draw.ROW_IN * draw.DPI)  # one fixed-height row per input
+    assert width == round(2 * (3 + draw.PANEL_W) * draw.COL_IN * draw.DPI)  # two panels of three layers, however many inputs
     assert path.stat().st_size < 3000 * n_inputs  # small enough to log at every checkpoint
 
 
@@ -310,4 +310,4 @@ def test_without_a_true_circuit_the_learned_network_is_drawn_alone(cfg_in, tmp_p
     p = draw.picture_of(result)
     assert not draw.comparable(p) and {m["state"] for tm in draw.marks(p) for layer in tm["layers"] for m in layer} == {None}
     width, _ = png_size(tmp_path / "run" / "circuit.png")
-    assert width < 2 * (2 + draw.PANEL_W) * draw.COL_IN * 80  # one panel, not two
+    assert width < 2 * (2 + draw.PANEL_W) * draw.COL_IN * draw.DPI  # one panel, not two
