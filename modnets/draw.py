@@ -367,13 +367,11 @@ SUPERSAMPLE = 2  # shapes are drawn at twice the size and scaled down: smooth di
 
 @functools.lru_cache(maxsize=16)
 def font(pixels: int):
-    """Pillow's built-in font at a pixel size (FreeType; the fixed-size bitmap font without it)."""
+    """Pillow's built-in font at a pixel size (Pillow >= 10.1; a Pillow built without FreeType gives
+    its one fixed-size bitmap font)."""
     from PIL import ImageFont
 
-    try:
-        return ImageFont.load_default(size=pixels)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+    return ImageFont.load_default(size=pixels)
 
 
 def dashes(x0: float, y0: float, x1: float, y1: float, on: float, off: float):
