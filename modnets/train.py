@@ -59,6 +59,7 @@ from modnets.results import (
     warn,
     write_json,
 )
+from modnets.step import hand_step
 from modnets.tasks import Task
 
 METRICS = ("loss", "acc", "exact")
@@ -211,6 +212,7 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     noise_shapes = routers.noise_shapes(model)
     per_sample = bool(getattr(model, "noise_per_sample", False))
     method = getattr(model, "routing", None)  # the router method: temperature schedule, extra loss terms
+    hand = hand_step(model, method) if not noise_shapes else None  # forward and gradients by hand (modnets.step)
     last_finite = LastFinite(model, R)
     saver = Checkpointer(cfg, model, optimizer, scheduler, generators, extra_state, last_finite)
     start = saver.resume()
@@ -227,17 +229,21 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
             generators, n_train, task.x.shape[1:], task.noise, noise_shapes, steps, per_sample, task.x.device
         )
         rows = train_rows[order]  # [R, n_train]
+        x_epoch = task.x[rows] if x_noise is None else task.x[rows] + x_noise  # the epoch's inputs, gathered once
+        xs, ys, ids = (t.split(batch, 1) for t in (x_epoch, task.y[rows], task.task_id[rows]))
         for s in range(steps):
+            if hand is not None:  # the same numbers as the autograd path below, without its graph
+                optimizer.zero_grad(set_to_none=True)
+                losses = hand(xs[s], ys[s])
+                epoch_loss += losses  # NaN and inf stick: checked once per epoch, no sync per step
+                optimizer.step()
+                continue
             part = slice(s * batch, (s + 1) * batch)
-            idx = rows[:, part]
-            x = task.x[idx]
-            if x_noise is not None:
-                x = x + x_noise[:, part]
             noise = {k: v[:, part] if per_sample else v[:, s : s + 1] for k, v in r_noise.items()}
-            logits = model(x, task.task_id[idx], noise)
-            per_output = F.binary_cross_entropy_with_logits(logits, task.y[idx], reduction="none")
+            logits = model(xs[s], ids[s], noise)
+            per_output = F.binary_cross_entropy_with_logits(logits, ys[s], reduction="none")
             losses = per_output.mean((1, 2))
-            epoch_loss += losses.detach()  # NaN and inf stick: checked once per epoch, no sync per step
+            epoch_loss += losses.detach()
             extra = method.loss(model, per_output, progress) if method is not None else None
             optimizer.zero_grad(set_to_none=True)
             (losses.sum() if extra is None else losses.sum() + extra.sum()).backward()
@@ -281,6 +287,22 @@ def set_deterministic(on: bool, device: torch.device) -> None:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
+TORCH_THREADS = torch.get_num_threads()  # torch's default here (OMP_NUM_THREADS), before a run changes it
+SMALL_STEP = 5e5  # multiply-adds of a step below which one thread is fastest
+
+
+def auto_threads(model: torch.nn.Module, task, batch: int) -> int:
+    """`trainer.threads: null`: one thread for a small model on vector inputs (its tiny ops run no
+    faster on more threads, and on a busy machine the extra threads' waiting makes them many times
+    slower), else torch's default. Small: all replicates' parameters times the rows of a step and
+    its share of an evaluation of every row, under `SMALL_STEP`."""
+    if not isinstance(task.x, torch.Tensor) or task.x.dim() != 2:  # images: convolutions work more than parameters say
+        return TORCH_THREADS
+    steps = -(-len(task.splits["train"]) // batch)
+    work = sum(p.numel() for p in model.parameters()) * (batch + len(task.x) / steps)
+    return 1 if work < SMALL_STEP else TORCH_THREADS
+
+
 def build(cfg: DictConfig):
     """Task, routing, model, optimizer, scheduler and generators from the config.
 
@@ -310,6 +332,8 @@ def build(cfg: DictConfig):
     check(isinstance(model, torch.nn.Module) and isinstance(model, Model), "model._target_", cfg.model._target_, allowed)
     model.to(device)
     task.to(device)
+    if not tr.get("threads"):
+        torch.set_num_threads(auto_threads(model, task, int(tr.batch_size)))
     optimizer = instantiate(cfg.optimizer)(parameter_groups(model, routing, float(cfg.optimizer.lr)))
     scheduler = ExponentialLR(optimizer, gamma=float(tr.lr_gamma))  # torch's, without importing torch._dynamo
     return SimpleNamespace(

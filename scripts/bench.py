@@ -5,6 +5,7 @@
     python scripts/bench.py --out bench.json         # also write the table as JSON
     python scripts/bench.py --targets                # the interactive-speed targets beside the measurements
     python scripts/bench.py --startup                # where one `modnets-train experiment=modular` spends its time
+    python scripts/bench.py --step                   # ms per training step: by hand, through autograd, optimizer, evaluation
 
 "train" is the training loop of one process (forward, backward, optimizer, evaluation of
 every split every epoch as the presets do), timed by `results.json`'s `train_time_s`.
@@ -174,6 +175,54 @@ def startup(repeats: int, threads: int | None) -> dict[str, float]:
     return parts | {"end to end": run["wall"], "W&B adds": extra}
 
 
+def step_costs(preset: str, replicates: int, threads: int | None, repeats: int) -> dict[str, float]:
+    """Milliseconds per training step of one preset in this process (best of `repeats` rounds of 300
+    steps on one minibatch): forward and gradients by hand (modnets.step) and through autograd, the
+    optimizer step, and one evaluation of every split (the presets evaluate every epoch)."""
+    import torch
+    import torch.nn.functional as F
+
+    from modnets.step import hand_step
+    from modnets.train import Evaluator, build
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = compose(f"experiment={preset}", f"trainer.replicates={replicates}", f"trainer.threads={threads or 'null'}",
+                      "trainer.device=cpu", "logger.mode=disabled", f"output_dir={out}")
+        b = build(cfg)
+    task, model, optimizer = b.task, b.model, b.optimizer
+    hand, evaluator = hand_step(model, getattr(model, "routing", None)), Evaluator(task, int(cfg.trainer.eval_batch_size))
+    idx = task.splits["train"][: int(cfg.trainer.batch_size)].expand(replicates, -1)
+    x, task_id, y = task.x[idx], task.task_id[idx], task.y[idx]
+
+    def autograd():
+        losses = F.binary_cross_entropy_with_logits(model(x, task_id, {}), y, reduction="none").mean((1, 2))
+        optimizer.zero_grad()
+        losses.sum().backward()
+
+    def by_hand():
+        optimizer.zero_grad()
+        hand(x, y)
+
+    parts = {"forward + gradients, through autograd": autograd, "forward + gradients, by hand (modnets.step)": by_hand,
+             "optimizer step": optimizer.step, "evaluation of every split (once per epoch)": lambda: evaluator(model, replicates)}
+    ms = {}
+    for name, fn in parts.items():
+        if name.endswith("(modnets.step)") and hand is None:
+            continue
+        rounds = []
+        for _ in range(repeats):
+            fn()
+            start = time.perf_counter()
+            for _ in range(300):
+                fn()
+            rounds.append((time.perf_counter() - start) / 300 * 1e3)
+        ms[name] = min(rounds)
+    print(f"{preset}, R={replicates}, torch threads {torch.get_num_threads()}: ms per call, best of {repeats} x 300")
+    for name, t in ms.items():
+        print(f"  {name:<52} {t:>7.3f} ms")
+    return ms
+
+
 def targets(repeats: int, threads: int | None) -> list[dict]:
     """Measure every target (medians of `repeats`) and print it beside its limit."""
     one = median_of(repeats, lambda: cli_run(1, "offline", threads))
@@ -206,10 +255,16 @@ def main() -> None:
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--targets", action="store_true", help="only the interactive-speed targets, beside the measurements")
     parser.add_argument("--startup", action="store_true", help="only the breakdown of one end-to-end run")
+    parser.add_argument("--step", action="store_true", help="only ms per training step of --cases at the first --replicates")
     args = parser.parse_args()
 
     import torch
 
+    if args.step:
+        steps = {case: step_costs(CASES[case][0], args.replicates[0], args.threads, max(3, args.repeats)) for case in args.cases}
+        if args.out:
+            Path(args.out).write_text(json.dumps({"torch": torch.__version__, "step_ms": steps}, indent=1))
+        return
     if args.targets or args.startup:
         load = os.getloadavg()[0]
         print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f} (timings need a quiet machine)")

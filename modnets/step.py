@@ -1,0 +1,171 @@
+"""The training step by hand: forward, loss and gradients of the common models without autograd.
+
+A training step of `experiment=modular` at batch 8 is about a hundred tiny tensor ops; on a CPU
+each costs microseconds of dispatch, and autograd adds a recorded graph node for each and
+evaluates it again in backward. For models whose training forward is hard top-k routing into
+module banks, `hand_step` returns a `HandStep` that runs the same forward ops and, instead of
+autograd, the ops autograd's backward runs for them (the same kernels on the same shapes), so
+losses and gradients are bit for bit those of `loss.backward()` (tests/test_step.py), at about
+half the CPU time. Covered: `ModularNet` with one module per slot (`shared: false`, no
+`skip_output`) whose routers are all `TopKRouter`s (learned or known, no Gumbel noise, one
+router row: one task), and `MLP` without pruning masks on one task; the router method must add
+no loss term (no `entropy` or `duplicate` regulariser, no surrogate). Everything else trains
+through autograd, as before (`hand_step` returns None).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from modnets.models import MLP, ModularNet, ModuleBank
+from modnets.routers import Router, TopKRouter, topk_mask
+
+
+def hand_step(model: torch.nn.Module, method: Router | None) -> HandStep | None:
+    """A `HandStep` for this model and router method, or None where autograd must do it."""
+    if method is not None and (type(method).loss is not Router.loss or method.entropy or method.duplicate):
+        return None
+    if type(model) is MLP:
+        plain = model.masks is None and model.n_tasks == 1 and type(model.net) is ModuleBank
+        return HandStep(model, [], [model.net], None) if plain else None
+    if type(model) is not ModularNet or model.shared or model.skip_output:
+        return None
+    selectors = [*model.routers, model.output_router]
+    if any(type(r) is not TopKRouter or r.noisy or r.logits.shape[1] != 1 for r in selectors):
+        return None
+    if any(type(b) is not ModuleBank for b in model.banks):
+        return None
+    return HandStep(model, list(model.routers), list(model.banks), model.output_router)
+
+
+class HandStep:
+    """`step(x, y)`: the training forward on inputs x [R, B, ...], the per-replicate mean BCE
+    losses [R] against targets y [R, B, outputs], and the gradient of their sum accumulated into
+    every trainable parameter's `.grad` (as `losses.sum().backward()` would)."""
+
+    def __init__(self, model, routers: list[TopKRouter], banks: list[ModuleBank], output_router: TopKRouter | None):
+        self.model = model
+        self.routers = [Selector(r) for r in routers]
+        self.banks = [Bank(b) for b in banks]
+        self.output_router = Selector(output_router) if output_router is not None else None
+
+    @torch.no_grad()  # the functions below run inside it: they record no graph
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        saved = []
+        if self.output_router is None:  # MLP: one bank of one module on the flattened input
+            h, bank_saved = bank_forward(self.banks[0], x.flatten(2).unsqueeze(2))
+            logits = h.squeeze(2)
+        else:
+            h = x
+            for router, bank in zip(self.routers, self.banks):
+                picked, router_saved = select_forward(router, h)
+                h, bank_saved = bank_forward(bank, picked)
+                h = h.squeeze(-1)
+                saved.append((router_saved, bank_saved))
+            picked, out_saved = select_forward(self.output_router, h)
+            logits = picked[:, :, 0]
+        per_output = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        losses = per_output.mean((1, 2))
+        # backward of losses.sum(): SumBackward, MeanBackward, BCE-with-logits backward
+        n = per_output.shape[1] * per_output.shape[2]
+        grad = losses.new_ones(()).expand(losses.shape)[:, None, None].expand(per_output.shape) / n
+        grad = torch.sigmoid(logits).sub_(y).mul_(grad)  # autograd's binary_cross_entropy_with_logits_backward
+        if self.output_router is None:
+            bank_backward(self.banks[0], bank_saved, grad.unsqueeze(2), need_input=False)
+            return losses
+        grad = select_backward(self.output_router, out_saved, grad.unsqueeze(2), need_input=True)
+        for i in reversed(range(len(saved))):
+            router_saved, bank_saved = saved[i]
+            grad = bank_backward(self.banks[i], bank_saved, grad.unsqueeze(-1), need_input=True)
+            grad = select_backward(self.routers[i], router_saved, grad, need_input=i > 0)
+        return losses
+
+
+class Selector:
+    """A `TopKRouter`'s logits and arity, read without nn.Module's attribute lookup (the same
+    Parameter objects: the optimizer and checkpoints update them in place), and its current `tau`."""
+
+    __slots__ = ("router", "logits", "k")
+
+    def __init__(self, router: TopKRouter):
+        self.router, self.logits, self.k = router, router.logits, router.k
+
+    @property
+    def tau(self) -> float:
+        return self.router.tau  # the method's schedule sets it every epoch
+
+
+class Bank:
+    """A `ModuleBank`'s weights and biases (the same Parameter objects), per layer."""
+
+    __slots__ = ("weights", "biases")
+
+    def __init__(self, bank: ModuleBank):
+        self.weights, self.biases = list(bank.weights), list(bank.biases)
+
+
+def accumulate(p: torch.nn.Parameter, grad: torch.Tensor) -> None:
+    """What autograd's AccumulateGrad does with a new gradient of a leaf."""
+    if p.grad is None:
+        p.grad = grad.clone(memory_format=torch.contiguous_format)
+    else:
+        p.grad.add_(grad)
+
+
+def select_forward(router: Selector, h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """`TopKRouter`'s training forward on one router row: h [R, B, width] -> the picked inputs
+    [R, B, consumers, k] (a batched matmul with the hard top-k mask) and what backward needs."""
+    logits = router.logits  # [R, 1, width, consumers]
+    R, _, W, n = logits.shape
+    k = router.k
+    mask = topk_mask(logits, k)
+    out = torch.bmm(h, mask.view(R, W, k * n)).view(R, -1, k, n).transpose(2, 3)
+    s = torch.sigmoid(logits / router.tau if router.tau != 1 else logits) if logits.requires_grad else None  # x / 1 is x
+    return out, (h, mask, s)
+
+
+def select_backward(router: Selector, saved: tuple, grad: torch.Tensor, need_input: bool) -> torch.Tensor | None:
+    """Gradients of `select_forward` from grad [R, B, consumers, k]: into the logits through the
+    straight-through estimator (sigmoid(logits / tau)), and returned for h when `need_input`."""
+    h, mask, s = saved
+    R, _, W, k, n = mask.shape
+    g = grad.transpose(2, 3).reshape(R, -1, k * n)
+    if s is not None:  # learned: the gradient reaches the logits as if the mask were hard + s - s.detach()
+        grad_mask = h.transpose(1, 2).bmm(g).view(R, 1, W, k, n).sum(3)
+        grad_logits = torch.ops.aten.sigmoid_backward(grad_mask, s)
+        accumulate(router.logits, grad_logits / router.tau if router.tau != 1 else grad_logits)
+    return g.bmm(mask.view(R, W, k * n).transpose(1, 2)) if need_input else None
+
+
+def bank_forward(bank: Bank, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """`ModuleBank.forward` (same ops), keeping each layer's input and activation for backward."""
+    R, B, n, _ = x.shape
+    last = len(bank.weights) - 1
+    inputs, activations = [], []
+    for i, (w, b) in enumerate(zip(bank.weights, bank.biases)):
+        xt = x.transpose(1, 2).reshape(R * n, B, -1)
+        inputs.append(xt)
+        x = torch.bmm(xt, w.reshape(R * n, *w.shape[2:])).view(R, n, B, -1).transpose(1, 2) + b.unsqueeze(1)
+        if i < last:
+            x = torch.relu(x)
+            activations.append(x)
+    return x, (inputs, activations)
+
+
+def bank_backward(bank: Bank, saved: tuple, grad: torch.Tensor, need_input: bool) -> torch.Tensor | None:
+    """Gradients of `bank_forward` from grad [R, B, n, out] into every weight and bias; returned
+    for the bank's input [R, B, n, in] when `need_input`."""
+    inputs, activations = saved
+    R, B, n = grad.shape[:3]
+    weights, biases = bank.weights, bank.biases
+    for i in reversed(range(len(weights))):
+        w = weights[i]
+        if i < len(activations):
+            grad = torch.ops.aten.threshold_backward(grad, activations[i], 0)
+        accumulate(biases[i], grad.sum(1))
+        g = grad.transpose(1, 2).reshape(R * n, B, -1)
+        accumulate(w, inputs[i].transpose(1, 2).bmm(g).view(w.shape))
+        if i > 0 or need_input:
+            grad = g.bmm(w.reshape(R * n, *w.shape[2:]).transpose(1, 2)).view(R, n, B, -1).transpose(1, 2)
+    return grad if need_input else None
