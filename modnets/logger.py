@@ -51,6 +51,9 @@ class _NullRun:
     def log(self, metrics, step):
         pass
 
+    def log_rows(self, rows):
+        pass
+
     def log_image(self, key, path, step):
         pass
 
@@ -71,6 +74,12 @@ class _Run:
 
     def log(self, metrics, step):
         self.logger._send({"op": "log", "run": self.index, "data": metrics, "step": step})
+
+    def log_rows(self, rows: list[dict]) -> None:
+        """History rows, each {"epoch": its step, metric: number, ...}, in increasing epochs: what one
+        `log(row, step=row["epoch"])` per row writes, in one message (and one hand-off to W&B)."""
+        if rows:
+            self.logger._send({"op": "rows", "run": self.index, "rows": rows})
 
     def log_image(self, key: str, path, step: int) -> None:
         """An image file (its bytes are read now: the file may change afterwards)."""
@@ -231,6 +240,8 @@ def _serve() -> None:
                 started.append(runs[index].id)
             elif op == "log" and index in runs:
                 runs[index].log(_decode(wandb, message["data"], spool), step=message["step"])
+            elif op == "rows" and index in runs:
+                _log_rows(runs[index], message["rows"])
             elif op == "finish" and index in runs:
                 run = runs.pop(index)
                 run.summary.update(message["summary"])
@@ -258,9 +269,90 @@ def _import_wandb():
     if hasattr(wandb.util, "working_set"):
         packages = list(wandb.util.working_set())
         wandb.util.working_set = lambda: iter(packages)
+    _cache_git(wandb)
     if hasattr(wandb_run.Run, "_detect_and_apply_job_inputs"):
         wandb_run.Run._detect_and_apply_job_inputs = lambda self: None
     return wandb
+
+
+def _log_rows(run, rows: list[dict]) -> None:
+    """Write history rows as `run.log(row, step=row["epoch"])` row by row would: the same
+    records, with W&B's own value encoding, handed to W&B's service in one go. A `log` call
+    costs about 0.2 ms, most of it waiting once per row for W&B's asyncio thread, telemetry and
+    media checks that numbers don't need; this is a few times cheaper. Rows holding anything but
+    numbers, or another wandb version's internals: row by row, the public way."""
+    try:
+        send = _history_sender(run, rows)
+    except Exception:
+        send = None
+    if send is None:
+        for row in rows:
+            run.log(row, step=int(row["epoch"]))
+        return
+    run._interface._asyncer.run(send)
+    run._local_step = max(run._local_step, int(rows[-1]["epoch"]))
+
+
+def _history_sender(run, rows: list[dict]):
+    """An async function that publishes one partial-history record per row (as W&B's
+    `publish_partial_history` builds it: the values, `_timestamp`, the step), or None when a
+    value is not a plain number."""
+    import time
+
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.proto import wandb_server_pb2 as spb
+    from wandb.sdk.interface.history_value import set_history_value
+
+    if not all(type(v) in (int, float, bool) for row in rows for v in row.values()):
+        return None
+    interface = run._interface
+    encoding = run._settings.x_history_value_encoding.split(",")
+    forms = {"json_form": "json" in encoding, "typed_form": "typed" in encoding}
+    requests = []
+    for row in rows:
+        history = pb.PartialHistoryRequest()
+        for key, value in (row | {"_timestamp": time.time()}).items():
+            item = history.item.add()
+            item.key = key
+            set_history_value(item, value, **forms)
+        history.step.num = int(row["epoch"])
+        record = interface._make_request(partial_history=history)
+        interface._assign(record)
+        request = spb.ServerRequest()
+        request.record_publish.CopyFrom(record)
+        requests.append(request)
+
+    async def send():
+        for request in requests:
+            await interface._client.publish(request)
+
+    return send
+
+
+def _cache_git(wandb) -> None:
+    """Each `wandb.init` asks git the same four questions (repository root, remote, commit),
+    each a subprocess: ask once per worker (answers, errors too, by command and folder)."""
+    try:
+        from wandb.sdk.lib import gitlib
+    except ImportError:
+        return
+    ask, answers = getattr(gitlib, "run_git", None), {}
+    if ask is None:
+        return
+
+    def run_git(*args, cwd=None, **kwargs):
+        key = (args, cwd, tuple(sorted(kwargs.items())))
+        if key not in answers:
+            try:
+                answers[key] = (ask(*args, cwd=cwd, **kwargs), None)
+            except Exception as e:
+                answers[key] = (None, e)
+        answer, error = answers[key]
+        if error is not None:
+            raise error
+        return answer
+
+    gitlib.run_git = run_git
 
 
 def _decode(wandb, data: dict, spool: Path) -> dict:
