@@ -2,9 +2,11 @@
 
 W&B runs in a worker process (`python -m modnets.logger`) that the first `start()` launches:
 importing wandb and starting runs costs about a second of CPU, which the worker spends on the
-other core while this process imports torch and trains. `log` and `finish` only queue a line
-for it; `close()` waits until it has finished every run. Run ids are chosen here, so the
-results file names its W&B run without asking the worker.
+other core while this process imports torch and trains. `log`, `log_rows` and `finish` only
+queue a line for it; `settle()` waits until it has finished the runs finished so far (and keeps
+it for more), `close()` until it has finished every run and ended. Run ids are chosen here, so
+the results file names its W&B run without asking the worker. History rows travel in chunks
+(`log_rows`), which the worker hands to W&B's service in one go rather than one `log` call a row.
 
 A failing W&B (bad mode, no network, full disk) warns once, on one stderr line, and training
 goes on: the results file, not W&B, is the record of a run. `wandb.init` gives up after
@@ -191,6 +193,24 @@ class WandbLogger:
         except (OSError, ValueError):  # the worker died: what it did not get is lost, training goes on
             pass
 
+    def settle(self) -> set[str]:
+        """Wait until the worker has finished every run finished so far, and keep it for more runs
+        (the selected run: no second worker, no second W&B start-up); the ids of the runs W&B
+        really started. When the worker is gone, what `close` says."""
+        if self._worker is None:
+            return set()
+        self._send({"op": "report"})
+        while line := self._worker.stdout.readline():
+            try:
+                report = json.loads(line)
+            except ValueError:
+                continue
+            if "started" in report:
+                if report.get("warning"):
+                    self._warn(report["warning"])
+                return set(report["started"])
+        return self.close()
+
     def close(self, timeout: float | None = None) -> set[str]:
         """Wait until the worker has finished every run; the ids of the runs W&B really started."""
         if self._worker is None:
@@ -222,7 +242,8 @@ class WandbLogger:
 
 def _serve() -> None:
     """The worker: read one JSON message a line from stdin until it closes; finish every run;
-    print one JSON line {"started": [run ids], "warning": first failure or null}."""
+    print one JSON line {"started": [run ids], "warning": first failure or null} (and one after
+    each `report` message, with what started so far)."""
     runs, started, warning = {}, [], None
     try:
         wandb = _import_wandb()
@@ -231,7 +252,10 @@ def _serve() -> None:
     spool = Path(tempfile.mkdtemp(prefix="modnets-wandb-"))
     for line in sys.stdin.buffer:
         message = json.loads(line)
-        op, index = message["op"], message["run"]
+        op, index = message["op"], message.get("run")
+        if op == "report":  # every message before this one is done: say what started so far
+            print(json.dumps({"started": started, "warning": warning}), flush=True)
+            continue
         if wandb is None or (op == "init" and warning is not None):  # after one failed start, no more tries
             continue
         try:
@@ -361,7 +385,7 @@ def _decode(wandb, data: dict, spool: Path) -> dict:
     out = {}
     for key, value in data.items():
         if isinstance(value, dict) and "__image__" in value:
-            path = spool / f"{len(list(spool.iterdir()))}-{key.replace('/', '_')}.png"
+            path = spool / f"{secrets.token_hex(8)}-{key.replace('/', '_')}.png"
             path.write_bytes(base64.b64decode(value["__image__"]))
             value = wandb.Image(str(path))
         elif isinstance(value, dict) and "__table__" in value:

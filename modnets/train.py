@@ -515,7 +515,7 @@ def save_results(
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
         wandb_run.finish(summary)
-    started = logs.logger.close() if hasattr(logs.logger, "close") else None  # wait until W&B has finished every run
+    started = logs.logger.settle() if hasattr(logs.logger, "settle") else None  # wait until W&B has finished every run
     for r, (d, result) in enumerate(zip(logs.dirs, written)):
         if started is not None and result["wandb_id"] not in started | {None}:  # W&B could not start it (rare): say so
             written[r] = write_json(d / "results.json", result | {"wandb_id": None, "wandb_group": None})

@@ -79,3 +79,17 @@ def test_batched_rows_are_the_records_run_log_writes(tmp_path, odd):
     assert records_of(tmp_path, "batched", batched) == expected
     assert len(calls) == (0 if odd is None else len(rows))
     assert sorted(expected) == [1, 2, 4, 7] and expected[7]["loss"] == 1.0 / 7 and expected[2]["exact"] is True
+
+
+def test_the_selected_run_shares_the_replicates_worker(cfg_in, tmp_path, monkeypatch):
+    import subprocess
+
+    popen, workers = subprocess.Popen, []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **k: workers.append(args) or popen(args, **k))
+    results = run(cfg_in("experiment=modular", "trainer.epochs=4", "trainer.replicates=2", "trainer.select=train_loss",
+                         "logger.mode=offline", "logger.pictures=false"))
+    assert sum("modnets.logger" in args for args in workers) == 1  # one W&B worker, one W&B start-up
+    (run_dir,) = (tmp_path / "run" / "selected" / "wandb").glob("offline-run-*")
+    chosen = json.loads((tmp_path / "run" / "selected" / "results.json").read_text())["selection"]["chosen"]
+    steps = history_by_step(run_dir)
+    assert sorted(steps) == [1, 2, 3, 4] and steps[4]["train_loss"] == results[chosen - 1]["final"]["train_loss"]
