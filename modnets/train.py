@@ -58,6 +58,7 @@ from modnets.results import (
     replicate_configs,
     warn,
     write_json,
+    write_jsons,
 )
 from modnets.tasks import Task
 
@@ -500,16 +501,15 @@ def save_results(
     recorder.send()  # W&B points of the last epochs (when training stopped early)
     times["results"] = time.time()
     timings = phases(times)
-    written = []
-    for r, (d, result, wandb_run) in enumerate(zip(logs.dirs, results, logs.runs)):
-        result["timings_s"] = timings
-        try:
-            written.append(write_json(d / "results.json", result))
-        except OSError as e:  # a full disk: W&B runs are closed, the checkpoint stays for the relaunch
-            for later in logs.runs[r:]:
-                later.finish()
-            raise RunError(f"could not write {d / 'results.json'}: {e.strerror or one_line(e)}; {kept(cfg)}") from None
-        logs.pictures.finish(written[-1], d, wandb_run, step=max(recorder.epoch, 1))
+    paths = [d / "results.json" for d in logs.dirs]
+    written = write_jsons(paths, [result | {"timings_s": timings} for result in results])
+    for path, e in zip(paths, written):
+        if isinstance(e, OSError):  # a full disk: W&B runs are closed, the checkpoint stays for the relaunch
+            for wandb_run in logs.runs:
+                wandb_run.finish()
+            raise RunError(f"could not write {path}: {e.strerror or one_line(e)}; {kept(cfg)}")
+    for r, (d, result, wandb_run) in enumerate(zip(logs.dirs, written, logs.runs)):
+        logs.pictures.finish(result, d, wandb_run, step=max(recorder.epoch, 1))
         history, best = result["history"], result["best"]
         summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
