@@ -99,7 +99,7 @@ TARGETS = [
     ("cli_32_offline", "32 replicates, W&B offline: end to end", 6.0, "s"),
     ("wandb_per_run", "  W&B per replicate run (offline minus disabled, / 32)", 50.0, "ms"),
     ("cli_1024_disabled", "1024 replicates, W&B off: end to end", 20.0, "s"),
-    ("outside_1024", "  outside training (build, results, recovery, files)", 3.0, "s"),
+    ("outside_1024", "  outside training (build, results, recovery, writing files)", 3.0, "s"),
 ]
 
 
@@ -118,9 +118,14 @@ def cli_run(replicates: int, mode: str, threads: int | None, device: str = "cpu"
             check=True, cwd=ROOT, capture_output=True, env={**os.environ, "WANDB_SILENT": "true"},
         )
         wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-        result = json.loads(next(Path(out).rglob("results.json")).read_text())
+        files = sorted(Path(out).rglob("results.json"))
+        result = json.loads(files[0].read_text())
+        written = [f.stat().st_mtime for f in files]  # wall_time_s is taken before the files are written
     timings = result.get("timings_s", {})  # results of older versions have none
-    return {"wall": wall, "cpu": cpu, "train": result["train_time_s"], "inside": result["wall_time_s"], "timings": timings}
+    return {
+        "wall": wall, "cpu": cpu, "train": result["train_time_s"], "inside": result["wall_time_s"], "timings": timings,
+        "writing": max(written) - min(written),
+    }
 
 
 def cpu_seconds() -> float:
@@ -193,7 +198,7 @@ def targets(repeats: int, threads: int | None) -> list[dict]:
     measured = {
         "cli_1_offline": one["wall"], "train_1": one["train"], "step_1": one["train"] / steps * 1e3,
         "cli_32_offline": on32["wall"], "wandb_per_run": (on32["wall"] - off32["wall"]) / 32 * 1e3,
-        "cli_1024_disabled": big["wall"], "outside_1024": big["inside"] - big["train"],
+        "cli_1024_disabled": big["wall"], "outside_1024": big["inside"] - big["train"] + big["writing"],
     }
     rows = []
     print(f"{'target':<62} {'measured':>9} {'limit':>7}  met")
