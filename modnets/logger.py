@@ -335,7 +335,7 @@ def _history_sender(run, rows: list[dict]):
     requests = []
     for row in rows:
         history = pb.PartialHistoryRequest()
-        for key, value in (row | {"_timestamp": time.time()}).items():
+        for key, value in ({"_timestamp": time.time()} | row).items():  # a row's own time, if it has one
             item = history.item.add()
             item.key = key
             set_history_value(item, value, **forms)

@@ -362,7 +362,7 @@ class Recorder:
         self.every = max(1, n_evals // 10) * int(tr.eval_every)
         self.log_every = max(1, math.ceil(n_evals / max(1, logs.max_points))) * int(tr.eval_every)
         self.evals: list[tuple[int, torch.Tensor]] = []  # (epoch, metrics [R, splits, 3] on the device)
-        self.unsent: list[tuple[int, torch.Tensor | None, list[dict] | None]] = []  # W&B: (epoch, metrics, recovery)
+        self.unsent: list[tuple] = []  # W&B points not sent yet: (epoch, metrics or None, recovery or None, time)
         self.sent_at = time.monotonic()
         self._histories = None
         self.recovery_init = recovery.measure(b.model, b.task)  # the untrained model, a baseline
@@ -382,7 +382,7 @@ class Recorder:
         if self.logging:
             logged = metrics if epoch % self.log_every == 0 or last else None
             if logged is not None or measured is not None:
-                self.unsent.append((epoch, logged, measured))
+                self.unsent.append((epoch, logged, measured, time.time()))
             if checkpoint or time.monotonic() - self.sent_at > self.FLUSH_S:
                 self.send()
         if epoch % (2 * self.every) == 0 and not last:  # every other recovery checkpoint; the last one with the results
@@ -395,13 +395,15 @@ class Recorder:
         unsent, self.unsent, self.sent_at = self.unsent, [], time.monotonic()
         if not unsent:
             return
-        logged = [m for _, m, _ in unsent if m is not None]
+        logged = [m for _, m, _, _ in unsent if m is not None]
         values = iter(torch.stack(logged).cpu().tolist() if logged else [])  # [epochs, R, splits, 3]: one transfer
         rows = [[] for _ in self.runs]
-        for epoch, metrics, measured in unsent:
+        for epoch, metrics, measured, at in unsent:
             v = next(values) if metrics is not None else None
-            for r, run_rows in enumerate(rows):
-                row = {"epoch": epoch} | (dict(zip(self.evaluator.keys, chain.from_iterable(v[r]))) if v is not None else {})
+            for r, run_rows in enumerate(rows):  # _timestamp: W&B's time axis is when it was evaluated, not sent
+                row = {"epoch": epoch, "_timestamp": at}
+                if v is not None:
+                    row |= dict(zip(self.evaluator.keys, chain.from_iterable(v[r])))
                 if measured is not None:
                     row |= {f"recovery/{k}": x for k, x in measured[r].items() if k != "input_routing_layers"}
                 run_rows.append(row)
