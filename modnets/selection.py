@@ -125,9 +125,7 @@ def log_selected(logger, name: str, group: str | None, result: dict, out: Path) 
     run = logger.start(result["config"], f"{name}-selected-s{sel['chosen']}", str(out), group, ["selected"])
     history = result.get("history") or []
     step = max(1, math.ceil(len(history) / max(1, logger.max_points)))
-    for i, row in enumerate(history):
-        if i % step == 0 or i == len(history) - 1:
-            run.log(row, step=row["epoch"])
+    run.log_rows([row for i, row in enumerate(history) if i % step == 0 or i == len(history) - 1])
     summary = {f"final/{k}": v for k, v in (result.get("final") or {}).items()}
     summary |= {f"best/{k}": v for k, v in (result.get("best") or {}).items()}
     summary |= {f"recovery/{k}": v for k, v in (result.get("recovery") or {}).items() if isinstance(v, float)}

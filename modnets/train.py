@@ -58,6 +58,7 @@ from modnets.results import (
     replicate_configs,
     warn,
     write_json,
+    write_jsons,
 )
 from modnets.step import hand_step
 from modnets.tasks import Task
@@ -368,8 +369,13 @@ class Recorder:
     recovery about ten times per run (and the circuit picture at every other one of them), and a
     progress line about every tenth of training.
 
-    The metrics stay on the device until something needs them on the host (a W&B point, a
-    progress line); `histories` are built once, after training, from all evaluations at once."""
+    The metrics stay on the device until something needs them on the host (a progress line, W&B);
+    `histories` are built once, after training, from all evaluations at once. The W&B points
+    (every `log_every` epochs, and the recovery metrics) are sent in chunks, every replicate's in
+    one transfer from the device and one message per run: at each recovery checkpoint, after
+    `FLUSH_S` seconds without one (live charts), and at the end; the steps are the epochs."""
+
+    FLUSH_S = 5.0
 
     def __init__(self, cfg: DictConfig, b: SimpleNamespace, evaluator: Evaluator, logs: SimpleNamespace):
         tr = cfg.trainer
@@ -380,6 +386,8 @@ class Recorder:
         self.every = max(1, n_evals // 10) * int(tr.eval_every)
         self.log_every = max(1, math.ceil(n_evals / max(1, logs.max_points))) * int(tr.eval_every)
         self.evals: list[tuple[int, torch.Tensor]] = []  # (epoch, metrics [R, splits, 3] on the device)
+        self.unsent: list[tuple] = []  # W&B points not sent yet: (epoch, metrics or None, recovery or None, time)
+        self.sent_at = time.monotonic()
         self._histories = None
         self.recovery_init = recovery.measure(b.model, b.task)  # the untrained model, a baseline
         self.recovery_history = [[] for _ in b.seeds] if self.recovery_init is not None else None
@@ -389,20 +397,42 @@ class Recorder:
     def __call__(self, epoch: int, metrics: torch.Tensor) -> None:
         self.evals.append((epoch, metrics))
         last, self.epoch = epoch == self.epochs, epoch
-        log = self.logging and (epoch % self.log_every == 0 or last)
-        show = self.progress and (epoch % self.every == 0 or last)
-        rows = self.evaluator.as_dicts(metrics) if log or show else None
-        for wandb_run, row in zip(self.runs, rows if log else ()):
-            wandb_run.log({"epoch": epoch, **row}, step=epoch)
-        if self.recovery_history is not None and (epoch % self.every == 0 or last):
-            self.last_recovery = (epoch, recovery.measure(self.model, self.task))
-            for h, wandb_run, rec in zip(self.recovery_history, self.runs, self.last_recovery[1]):
+        checkpoint = epoch % self.every == 0 or last
+        measured = None
+        if self.recovery_history is not None and checkpoint:
+            self.last_recovery = (epoch, measured := recovery.measure(self.model, self.task))
+            for h, rec in zip(self.recovery_history, measured):
                 h.append({"epoch": epoch, **rec})
-                wandb_run.log({f"recovery/{k}": v for k, v in rec.items() if k != "input_routing_layers"}, step=epoch)
+        if self.logging:
+            logged = metrics if epoch % self.log_every == 0 or last else None
+            if logged is not None or measured is not None:
+                self.unsent.append((epoch, logged, measured, time.time()))
+            if checkpoint or time.monotonic() - self.sent_at > self.FLUSH_S:
+                self.send()
         if epoch % (2 * self.every) == 0 and not last:  # every other recovery checkpoint; the last one with the results
             self.pictures.checkpoint(self.model, self.task, epoch)
-        if show:
-            print(progress_line(epoch, self.epochs, rows), flush=True)
+        if self.progress and checkpoint:
+            print(progress_line(epoch, self.epochs, self.evaluator.as_dicts(metrics)), flush=True)
+
+    def send(self) -> None:
+        """Log the W&B points not sent yet: one row per epoch and run, its metrics and recovery."""
+        unsent, self.unsent, self.sent_at = self.unsent, [], time.monotonic()
+        if not unsent:
+            return
+        logged = [m for _, m, _, _ in unsent if m is not None]
+        values = iter(torch.stack(logged).cpu().tolist() if logged else [])  # [epochs, R, splits, 3]: one transfer
+        rows = [[] for _ in self.runs]
+        for epoch, metrics, measured, at in unsent:
+            v = next(values) if metrics is not None else None
+            for r, run_rows in enumerate(rows):  # _timestamp: W&B's time axis is when it was evaluated, not sent
+                row = {"epoch": epoch, "_timestamp": at}
+                if v is not None:
+                    row |= dict(zip(self.evaluator.keys, chain.from_iterable(v[r])))
+                if measured is not None:
+                    row |= {f"recovery/{k}": x for k, x in measured[r].items() if k != "input_routing_layers"}
+                run_rows.append(row)
+        for wandb_run, run_rows in zip(self.runs, rows):
+            wandb_run.log_rows(run_rows)
 
     @property
     def histories(self) -> list[list[dict]]:
@@ -494,24 +524,24 @@ def save_results(
 ) -> list[dict]:
     """Write every results.json, its picture and its W&B summary. The files are written again once W&B
     has finished every run when W&B could not start one, so that each names its W&B run or null."""
+    recorder.send()  # W&B points of the last epochs (when training stopped early)
     times["results"] = time.time()
     timings = phases(times)
-    written = []
-    for r, (d, result, wandb_run) in enumerate(zip(logs.dirs, results, logs.runs)):
-        result["timings_s"] = timings
-        try:
-            written.append(write_json(d / "results.json", result))
-        except OSError as e:  # a full disk: W&B runs are closed, the checkpoint stays for the relaunch
-            for later in logs.runs[r:]:
-                later.finish()
-            raise RunError(f"could not write {d / 'results.json'}: {e.strerror or one_line(e)}; {kept(cfg)}") from None
-        logs.pictures.finish(written[-1], d, wandb_run, step=max(recorder.epoch, 1))
+    paths = [d / "results.json" for d in logs.dirs]
+    written = write_jsons(paths, [result | {"timings_s": timings} for result in results])
+    for path, e in zip(paths, written):
+        if isinstance(e, OSError):  # a full disk: W&B runs are closed, the checkpoint stays for the relaunch
+            for wandb_run in logs.runs:
+                wandb_run.finish()
+            raise RunError(f"could not write {path}: {e.strerror or one_line(e)}; {kept(cfg)}")
+    for r, (d, result, wandb_run) in enumerate(zip(logs.dirs, written, logs.runs)):
+        logs.pictures.finish(result, d, wandb_run, step=max(recorder.epoch, 1))
         history, best = result["history"], result["best"]
         summary = {f"final/{k}": v for k, v in (history[-1] if history else {}).items()}
         summary |= {f"best/{k}": v for k, v in (best or {}).items()}
         summary |= {f"recovery/{k}": v for k, v in (recoveries[r] if recoveries else {}).items() if isinstance(v, float)}
         wandb_run.finish(summary)
-    started = logs.logger.close() if hasattr(logs.logger, "close") else None  # wait until W&B has finished every run
+    started = logs.logger.settle() if hasattr(logs.logger, "settle") else None  # wait until W&B has finished every run
     for r, (d, result) in enumerate(zip(logs.dirs, written)):
         if started is not None and result["wandb_id"] not in started | {None}:  # W&B could not start it (rare): say so
             written[r] = write_json(d / "results.json", result | {"wandb_id": None, "wandb_group": None})

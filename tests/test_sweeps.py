@@ -266,3 +266,18 @@ def test_a_requeue_signal_ends_the_epoch_writes_a_checkpoint_and_the_requeued_ru
     assert "resuming from" in capsys.readouterr().err and not (Path(cfg.output_dir) / "checkpoint.pt").exists()
     reference = run(make_cfg("experiment=modular", "trainer.epochs=6", output_dir=str(tmp_path / "reference")))[0]
     assert resumed["history"] == reference["history"] and len(reference["history"]) == 6
+
+
+def test_many_results_files_written_at_once_are_each_whole_and_sealed_and_a_failure_is_its_own(tmp_path):
+    from modnets.results import problem, write_jsons
+
+    (tmp_path / "blocked").write_text("a file where a folder must be")
+    paths = [tmp_path / f"seed_{s}" / "results.json" for s in range(40)]
+    paths[7] = tmp_path / "blocked" / "results.json"
+    data = [{"seed": s, "history": [{"epoch": e, "acc": e / 10} for e in range(50)]} for s in range(40)]
+    written = write_jsons(paths, data)
+    assert isinstance(written[7], OSError) and not list(tmp_path.rglob("*.tmp"))
+    for s, (path, result) in enumerate(zip(paths, written)):
+        if s != 7:
+            on_disk = json.loads(path.read_text())
+            assert on_disk == result and problem(on_disk) is None and on_disk["seed"] == s and len(on_disk["history"]) == 50
