@@ -105,9 +105,10 @@ def test_a_finished_run_gets_its_selection_when_relaunched_with_select(cfg_in, t
     assert selected["final"]["train_loss"] == min(r["final"]["train_loss"] for r in results)
 
 
+@pytest.mark.parametrize("experiment", ["discover", "discover_deep"])
 @pytest.mark.parametrize("task", BOOLEAN_TASKS)
-def test_discover_composes_and_builds_for_every_boolean_task(task):
-    cfg = make_cfg("experiment=discover", f"task={task}", "trainer.replicates=2")
+def test_discover_composes_and_builds_for_every_boolean_task(task, experiment):
+    cfg = make_cfg(f"experiment={experiment}", f"task={task}", "trainer.replicates=2")
     validate(cfg)
     assert cfg.trainer.select == "train_loss" and OmegaConf.select(cfg, "router.topk") == cfg.task.get("arity", 2)
     b = build(cfg)
@@ -130,7 +131,7 @@ BENCH = importlib.util.spec_from_file_location("routing_benchmark", ROOT / "scri
 routing_benchmark = importlib.util.module_from_spec(BENCH)
 BENCH.loader.exec_module(routing_benchmark)
 BENCHMARK_TASKS = sorted(p.stem for p in (ROOT / "conf" / "benchmark_task").glob("*.yaml"))
-BENCHMARK_ARCHS = ["mlp", "shared_known", "modular", "modular_gumbel", "modular_soft", "modular_sampling"]
+BENCHMARK_ARCHS = ["mlp", "shared_known", "modular", "modular_gumbel", "modular_soft", "modular_soft_wide", "modular_sampling"]
 
 
 @pytest.mark.parametrize("task", BENCHMARK_TASKS)
