@@ -143,6 +143,18 @@ def test_routing_benchmark_cells_compose_and_build(task):
         assert b.task.circuits and len(b.seeds) == 2
 
 
+def test_best_of_regroups_single_runs_into_larger_populations_by_training_loss_only():
+    config = {"task._target_": "modnets.tasks.BooleanTask", "task.modularity": [6, 3, 3, 2, 2], "task.train_fraction": 0.8}
+    losses = [0.5, 0.1, 0.3, 0.2, 0.05, 0.4, 0.6, 0.7]  # seeds 0..7; populations of 4: seeds 1 and 4 win
+    runs = [{"arch": "modular soft wide", "seed": s, "config": config,
+             "metrics": {"final.train_loss": loss, "final.heldout_acc": s / 10}} for s, loss in enumerate(losses)]
+    other = {"final.train_loss": 0.0, "final.heldout_acc": 1.0}
+    runs.append({**runs[0], "arch": "modular soft", "metrics": other})  # another method: not in the cell
+    assert routing_benchmark.best_of(runs, ("[6, 3, 3, 2, 2]", 0.8, "modular soft wide"), 4) == [0.1, 0.4]
+    assert routing_benchmark.best_of(runs, ("[6, 3, 3, 2, 2]", 0.8, "modular soft wide"), 8) == [0.4]
+    assert routing_benchmark.best_of(runs, ("[6, 3, 3, 2, 2]", 0.5, "modular soft wide"), 4) == []
+
+
 def test_routing_benchmark_sweep_runs_and_is_tabulated(tmp_path):
     from test_train import cli
 
