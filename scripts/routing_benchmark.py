@@ -145,8 +145,8 @@ def targets(table: dict, runs: list[dict] = (), method: str = "modular soft") ->
     rows.append(("[6, 3, 3, 2, 2], f = 0.8: discover held-out ≥ 0.95", c and f"{c['heldout']:.3f}", c and c["heldout"] >= 0.95))
     picks = best_of(list(runs), ("[6, 3, 3, 2, 2]", 0.8, f"{method} wide"), 64)
     mean = sum(picks) / len(picks) if picks else None
-    value = picks and f"{mean:.3f} ({len(picks)} populations of 64)"
-    rows.append(("[6, 3, 3, 2, 2], f = 0.8: discover_deep held-out ≥ 0.95", value, picks and mean >= 0.95))
+    value = f"{mean:.3f} ({len(picks)} populations of 64)" if picks else None
+    rows.append(("[6, 3, 3, 2, 2], f = 0.8: discover_deep held-out ≥ 0.95", value, None if mean is None else mean >= 0.95))
     for selected in (True, False):
         c = cell("[6, 2, 2]", 0.8, selected)
         what = "discover" if selected else f"{method.split()[-1]} routing, single runs,"
