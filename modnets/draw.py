@@ -14,33 +14,36 @@ Learned modules are matched to true ones layer by layer exactly as `modnets.reco
 them, and drawn at the place of their true module. Marked in red: wires from a wrong unit, modules
 whose table does not compute the true gate (either polarity, as `recovery.separates`), slots of a
 shared model using the wrong library module (after the best relabelling of the library) and
-outputs read from the wrong module. matplotlib (Agg, no pyplot) is imported only when drawing.
+outputs read from the wrong module.
+
+The picture is laid out as a `Scene` (shapes in data units: `scene`) and rendered to PNG with
+Pillow (`render`), imported only when drawing; matplotlib is not used here.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from modnets import recovery
 from modnets.circuits import Circuit, Gate, default_gates, joint_library
 
 OK, WRONG, SPARE = "#2b8a3e", "#d6336c", "#adb5bd"  # correct, wrong, a module with no true counterpart
-EXTRA_HINT = "pip install 'modnets[sweeps]' (matplotlib)"
+INSTALL_HINT = "pip install pillow"  # a core dependency: missing only from a broken environment
 _missing_warned = False
 
 
 def available() -> bool:
-    """matplotlib is importable; warns once (one line naming the extra) when it is not."""
+    """Pillow is importable; warns once (one line naming the fix) when it is not."""
     global _missing_warned
     try:
-        import matplotlib  # noqa: F401
+        import PIL.ImageDraw  # noqa: F401
     except ImportError:
         if not _missing_warned:
-            print(f"modnets: warning: circuit pictures need matplotlib: {EXTRA_HINT}; no circuit.png", file=sys.stderr)
+            print(f"modnets: warning: circuit pictures need Pillow: {INSTALL_HINT}; no circuit.png", file=sys.stderr)
             _missing_warned = True
         return False
     return True
@@ -167,6 +170,8 @@ def library_relabelling(p: dict, perms_per_task: list) -> dict[int, int]:
     counts = np.zeros((max(a for a, _ in pairs) + 1, len(library)))
     for a, b in pairs:
         counts[a, b] += 1
+    from scipy.optimize import linear_sum_assignment  # lazily: 0.3 s to import
+
     rows, cols = linear_sum_assignment(counts, maximize=True)
     return dict(zip(rows.tolist(), cols.tolist()))
 
@@ -225,14 +230,22 @@ def marks(p: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Drawing: columns of units (inputs, one column per layer, outputs) joined by wires
+# Layout: columns of units (inputs, one column per layer, outputs) joined by wires, in data units
+# (columns and rows 1 apart, y up). A Scene holds shapes only; `render` below turns it into pixels.
 
-ROW_IN, COL_IN, BOX_W, BOX_H = 0.32, 0.95, 0.62, 0.62  # inches per row and column; box size in column / row units
+ROW_IN, COL_IN, BOX_W, BOX_H = 0.32, 0.95, 0.62, 0.76  # inches per row and column; box size in column / row units
+PANEL_W, TITLE_H = 2.4, 1.3  # panel width beyond its layer columns, room above a panel's rows (data units)
+INK, GREY, DARK = "#495057", "#868e96", "#343a40"
 
 
 def ys(n: int) -> list[float]:
     """Heights of n units of a column, top first, centred on 0."""
     return [(n - 1) / 2 - i for i in range(n)]
+
+
+def spread(q: int, k: int) -> float:
+    """Where input q of k enters a box, relative to its centre."""
+    return 0.3 * BOX_H * (q - (k - 1) / 2) / max(1, (k - 1) / 2) if k > 1 else 0.0
 
 
 def learned_panel(t_marks: dict, n_inputs: int, heights: list[int], skip_output: bool):
@@ -242,7 +255,7 @@ def learned_panel(t_marks: dict, n_inputs: int, heights: list[int], skip_output:
     for i, layer in enumerate(t_marks["layers"]):
         y = [ys(heights[i])[m["place"]] for m in layer]  # learned module j -> its height
         for m, yj in zip(layer, y):
-            colour = {"ok": OK, "wrong": WRONG, "spare": SPARE, None: "#495057"}[m["state"]]
+            colour = {"ok": OK, "wrong": WRONG, "spare": SPARE, None: INK}[m["state"]]
             sub = None if m["loc"] is None else f"#{m['loc']}"
             boxes.append((i + 1, yj, m["label"], sub, colour, m.get("misplaced", False)))
             for q, (a, ok) in enumerate(zip(m["inputs"], m["wires"])):
@@ -255,18 +268,13 @@ def learned_panel(t_marks: dict, n_inputs: int, heights: list[int], skip_output:
     return boxes, wires
 
 
-def spread(q: int, k: int) -> float:
-    """Where input q of k enters a box, relative to its centre."""
-    return 0.3 * BOX_H * (q - (k - 1) / 2) / max(1, (k - 1) / 2) if k > 1 else 0.0
-
-
 def true_panel(c: Circuit, heights: list[int]):
     boxes, wires = [], []
     prev_y = ys(c.n_inputs)
     for i, layer in enumerate(c.layers):
         y = ys(heights[i])
         for j, g in enumerate(layer):
-            boxes.append((i + 1, y[j], g.op, None, "#495057", False))
+            boxes.append((i + 1, y[j], g.op, None, INK, False))
             for q, a in enumerate(g.inputs):
                 wires.append((i, prev_y[a], i + 1, y[j] + spread(q, len(g.inputs)), None))
         prev_y = y
@@ -275,57 +283,40 @@ def true_panel(c: Circuit, heights: list[int]):
     return boxes, wires
 
 
-WIRE_STYLES = {None: ("#868e96", "solid", 0.8), True: ("#495057", "solid", 0.9), False: (WRONG, (0, (3, 2)), 1.3)}
-PANEL_W, TITLE_H = 2.4, 1.3  # panel width beyond its layer columns, room above a panel's rows (data units)
-
-
-class Canvas:
-    """Every panel's wires, boxes, dots and labels, collected in data units (columns 1 apart,
-    rows 1 apart) and drawn on one Axes: a few collections, so that a picture draws fast."""
+class Scene:
+    """A picture as shapes in data units: wires [(x0, y0, x1, y1)] by mark (None: a true wire,
+    True: right, False: wrong), boxes (centre, edge colour), input dots, output squares (x, y,
+    colour) and texts (x, y, text, points, colour, align), inside `frame` (left, top, width, height)."""
 
     def __init__(self):
-        self.wires = {ok: [] for ok in WIRE_STYLES}
-        self.boxes, self.edges, self.dots, self.squares, self.texts = [], [], [], [], []
+        self.wires = {None: [], True: [], False: []}
+        self.boxes, self.dots, self.squares, self.texts = [], [], [], []
+        self.frame = (0.0, 0.0, 1.0, 1.0)
+
+    def text(self, x: float, y: float, text: str, points: float = 8.5, colour: str = "black", align: str = "center") -> None:
+        self.texts.append((x, y, text, points, colour, align))
 
     def panel(self, boxes, wires, shape: tuple[int, int, int], title: str, origin: tuple[float, float]) -> None:
-        """One panel at origin: wires (grey; dark when right, dashed red when wrong), module
-        boxes, input dots x0.. and output squares y0.. (red when read from the wrong module)."""
+        """One panel at origin: wires, module boxes (gate label; library module under it), input
+        dots x0.., output squares y0.. (red when read from the wrong module) and the panel title."""
         (n_inputs, n_outputs, depth), (ox, oy), half = shape, origin, BOX_W / 2
         for x0, y0, x1, y1, ok in wires:
             start, end = x0 + (half if x0 > 0 else 0.08), x1 - (half if x1 <= depth else 0.08)
-            self.wires[ok].append([(ox + start, oy + y0), (ox + end, oy + y1)])
+            self.wires[ok].append((ox + start, oy + y0, ox + end, oy + y1))
         for x, y, label, sub, colour, misplaced in boxes:
-            self.boxes.append((ox + x - half, oy + y - BOX_H / 2))
-            self.edges.append(colour)
-            ink = colour if label == "?" else "black"
-            self.texts.append((ox + x, oy + y + (0.1 if sub else 0), label, dict(ha="center", fontsize=6.5, color=ink)))
+            self.boxes.append((ox + x, oy + y, colour))
+            self.text(ox + x, oy + y + (0.14 if sub else 0), label, colour=colour if label == "?" else "black")
             if sub:
-                ink = WRONG if misplaced else "#495057"
-                self.texts.append((ox + x, oy + y - 0.2, sub, dict(ha="center", fontsize=5, color=ink)))
+                self.text(ox + x, oy + y - 0.22, sub, points=7, colour=WRONG if misplaced else INK)
         for i, y in enumerate(ys(n_inputs)):
             self.dots.append((ox, oy + y))
-            self.texts.append((ox - 0.12, oy + y, f"x{i}", dict(ha="right", fontsize=6)))
+            self.text(ox - 0.12, oy + y, f"x{i}", points=8, align="right")
         wrong = {y1 for x0, y0, x1, y1, ok in wires if x1 == depth + 1 and ok is False}
         for o, y in enumerate(ys(n_outputs)):
-            colour = WRONG if y in wrong else "#343a40"
+            colour = WRONG if y in wrong else DARK
             self.squares.append((ox + depth + 1, oy + y, colour))
-            self.texts.append((ox + depth + 1.12, oy + y, f"y{o}", dict(ha="left", fontsize=6, color=colour)))
-        self.texts.append((ox + (depth + 1) / 2, oy + (max(n_inputs, 1) / 2) + 0.5, title, dict(ha="center", fontsize=7)))
-
-    def render(self, ax) -> None:
-        from matplotlib.collections import LineCollection, PatchCollection
-        from matplotlib.patches import Rectangle
-
-        for ok, (colour, dash, lw) in WIRE_STYLES.items():
-            if self.wires[ok]:
-                ax.add_collection(LineCollection(self.wires[ok], colors=colour, linestyles=dash, linewidths=lw, zorder=1))
-        frames = [Rectangle(corner, BOX_W, BOX_H) for corner in self.boxes]
-        ax.add_collection(PatchCollection(frames, facecolors="white", edgecolors=self.edges, linewidths=1.5, zorder=2))
-        ax.scatter(*zip(*self.dots), s=9, color="#343a40", zorder=2)
-        x, y, colours = zip(*self.squares)
-        ax.scatter(x, y, s=12, marker="s", c=colours, zorder=2)
-        for x, y, text, style in self.texts:
-            ax.text(x, y, text, va="center", zorder=3, **style)
+            self.text(ox + depth + 1.12, oy + y, f"y{o}", points=8, colour=colour, align="left")
+        self.text(ox + (depth + 1) / 2, oy + max(n_inputs, 1) / 2 + 0.5, title, points=9)
 
 
 def score(t_marks: dict) -> str:
@@ -344,38 +335,111 @@ def column_heights(p: dict, task_marks_: list[dict], circuits) -> list[int]:
     ]
 
 
-def draw(p: dict, path, dpi: int = 80) -> Path:
-    """Write the picture of `picture_of(result)` to path (PNG): per task, truth | learned.
-    Rows are a fixed height in inches, so that wide circuits (16+ inputs) grow, not shrink."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    task_marks_ = marks(p)
+def scene(p: dict, task_marks_: list[dict] | None = None) -> Scene:
+    """The picture of `picture_of(result)`: per task a row of panels, truth | learned."""
+    task_marks_ = task_marks_ or marks(p)
     cs = p["circuits"] if comparable(p) else None
     depth, n_inputs, n_outputs = len(p["routing"]["inputs"]), p["n_inputs"], len(p["routing"]["outputs"][0])
     heights = column_heights(p, task_marks_, cs)
     rows, shape = max(n_inputs, *heights, n_outputs), (n_inputs, n_outputs, depth)
     width, height = depth + PANEL_W, rows + TITLE_H  # one panel, in data units
-    canvas = Canvas()
+    s = Scene()
     for t, tm in enumerate(task_marks_):
         task, top = f" (task {t})" if len(task_marks_) > 1 else "", -t * height
         if cs:
-            canvas.panel(*true_panel(cs[t], heights), shape, f"true circuit{task}", (0, top))
+            s.panel(*true_panel(cs[t], heights), shape, f"true circuit{task}", (0, top))
         verdict = f": {score(tm)}" if cs else ", no true circuit to compare"
         learned = learned_panel(tm, n_inputs, heights, p["skip_output"])
-        canvas.panel(*learned, shape, f"learned{task}{verdict}", (width if cs else 0, top))
-    cols, n = 2 if cs else 1, len(task_marks_)
-    fig = Figure(figsize=(cols * width * COL_IN, (n * height + 0.6) * ROW_IN))
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_axis_off()
+        s.panel(*learned, shape, f"learned{task}{verdict}", (width if cs else 0, top))
     left, top = -0.75, rows / 2 + TITLE_H - 0.2 + 0.6
-    ax.set(xlim=(left, left + cols * width), ylim=(top - n * height - 0.6, top))
-    canvas.render(ax)
-    ax.text(left + 0.1, top - 0.35, p.get("title", ""), fontsize=7.5, va="center", weight="bold")
+    s.frame = (left, top, (2 if cs else 1) * width, len(task_marks_) * height + 0.6)
+    s.text(left + 0.1, top - 0.35, p.get("title", ""), points=10, align="left")
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering a Scene with Pillow (a core dependency: no matplotlib in the training process)
+
+WIRE_STYLES = {None: (GREY, 0.8, None), True: (INK, 0.9, None), False: (WRONG, 1.3, (3, 2))}  # colour, points, dash
+DPI = 96  # pixels per inch: a row is 31 pixels, a module label 11
+SUPERSAMPLE = 2  # shapes are drawn at twice the size and scaled down: smooth diagonal wires
+
+
+@functools.lru_cache(maxsize=16)
+def font(pixels: int):
+    """Pillow's built-in font at a pixel size (Pillow >= 10.1; a Pillow built without FreeType gives
+    its one fixed-size bitmap font)."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=pixels)
+
+
+def dashes(x0: float, y0: float, x1: float, y1: float, on: float, off: float):
+    """The pieces of a dashed line (lengths in pixels)."""
+    length = max(float(np.hypot(x1 - x0, y1 - y0)), 1e-9)
+    for a in np.arange(0.0, length, on + off):
+        b = min(a + on, length)
+        yield (x0 + (x1 - x0) * a / length, y0 + (y1 - y0) * a / length, x0 + (x1 - x0) * b / length, y0 + (y1 - y0) * b / length)
+
+
+def render(s: Scene, path, dpi: int = DPI) -> Path:
+    """Write the scene as a PNG: one row is ROW_IN and one column COL_IN inches at `dpi`."""
+    from PIL import Image, ImageDraw
+
+    left, top, width, height = s.frame
+    size = (round(width * COL_IN * dpi), round(height * ROW_IN * dpi))
+    pt = dpi / 72  # pixels per point
+    big = Image.new("RGB", (size[0] * SUPERSAMPLE, size[1] * SUPERSAMPLE), "white")
+    at = lambda x, y, scale=1: ((x - left) * COL_IN * dpi * scale, (top - y) * ROW_IN * dpi * scale)  # data -> pixels
+    draw_shapes(ImageDraw.Draw(big), s, lambda x, y: at(x, y, SUPERSAMPLE), pt * SUPERSAMPLE)
+    image = big.resize(size, Image.Resampling.BOX)
+    draw_texts(ImageDraw.Draw(image), s, at, pt)  # at full size: crisp hinted text
     path = Path(path)
-    fig.savefig(path, dpi=dpi)
+    image.quantize(64, method=Image.Quantize.FASTOCTREE).save(path)  # 64 colours: a third of the bytes, less time
     return path
+
+
+def draw_shapes(d, s: Scene, at, pt: float) -> None:
+    """Wires, boxes, dots and squares; `at` maps data units to pixels, pt is pixels per point."""
+    for ok, (colour, points, dash) in WIRE_STYLES.items():
+        w = max(1, round(points * pt))
+        for x0, y0, x1, y1 in s.wires[ok]:
+            (a, b), (c, e) = at(x0, y0), at(x1, y1)
+            for piece in dashes(a, b, c, e, dash[0] * pt, dash[1] * pt) if dash else [(a, b, c, e)]:
+                d.line(piece, fill=colour, width=w)
+    bw, bh = at(BOX_W, 0)[0] - at(0, 0)[0], at(0, 0)[1] - at(0, BOX_H)[1]
+    for x, y, colour in s.boxes:
+        cx, cy = at(x, y)
+        d.rectangle((cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), fill="white", outline=colour, width=round(1.5 * pt))
+    r = 1.5 * pt
+    for x, y in s.dots:
+        cx, cy = at(x, y)
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=DARK)
+    for x, y, colour in s.squares:
+        cx, cy = at(x, y)
+        d.rectangle((cx - 1.1 * r, cy - 1.1 * r, cx + 1.1 * r, cy + 1.1 * r), fill=colour)
+
+
+def draw_texts(d, s: Scene, at, pt: float) -> None:
+    """Every text, vertically centred on its point and aligned left, centre or right of it. The
+    built-in font has no "¬": a complemented gate ("¬MAJ") is drawn with a bar over its name."""
+    for x, y, text, points, colour, align in s.texts:
+        f, bar = font(max(7, round(points * pt))), text.startswith("¬")
+        text = text.removeprefix("¬")
+        x0, _, x1, _ = d.textbbox((0, 0), text, font=f)
+        top, bottom = d.textbbox((0, 0), "X0", font=f)[1::2]  # the same baseline for every text of a size
+        cx, cy = at(x, y)
+        left = cx - {"left": 0, "center": (x1 - x0) / 2, "right": x1 - x0}[align]
+        d.text((left - x0, cy - (top + bottom) / 2), text, font=f, fill=colour)
+        if bar:
+            over = cy - (bottom - top) / 2 - 1
+            d.line((left, over, left + x1 - x0, over), fill=colour, width=1)
+
+
+def draw(p: dict, path, dpi: int = DPI) -> Path:
+    """Write the picture of `picture_of(result)` to path (PNG): per task, truth | learned.
+    Rows are a fixed height in inches, so that wide circuits (16+ inputs) grow, not shrink."""
+    return render(scene(p), path, dpi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,20 +462,20 @@ def module_rows(p: dict) -> tuple[list[str], list[list]]:
     return columns, rows
 
 
-def drawn_content(p: dict) -> str:
+def drawn_content(p: dict, task_marks_: list[dict]) -> str:
     """Everything a picture shows (routing, labels and marks), not the module outputs behind them."""
-    shown = [[{k: v for k, v in m.items() if k != "table"} for layer in tm["layers"] for m in layer] for tm in marks(p)]
-    return repr((p["routing"], shown, [tm["output_marks"] for tm in marks(p)], p["title"]))
+    shown = [[{k: v for k, v in m.items() if k != "table"} for layer in tm["layers"] for m in layer] for tm in task_marks_]
+    return repr((p["routing"], shown, [tm["output_marks"] for tm in task_marks_], p["title"]))
 
 
 class Pictures:
     """`logger.pictures`: circuit.png in each run folder at the end, and the picture logged to the
     W&B run at checkpoints during training (the trainer calls `checkpoint` at every other recovery
     checkpoint; redrawn only when what it shows changed, else the last file is logged again) and
-    at the end. Off (matplotlib never imported) when disabled, for models
-    without routed modules and when matplotlib is missing (one warning). Only the first `limit`
-    replicates of a run get pictures (`logger.max_pictures`: a picture costs about 65 ms, so 1024
-    seeds would spend a minute drawing); `scripts/draw_circuit.py` draws any other from its results."""
+    at the end. Off (Pillow never imported) when disabled, for models without routed modules and
+    when Pillow is missing (one warning). Only the first `limit` replicates of a run get pictures
+    (`logger.max_pictures`: a picture costs about 15 ms, 1024 seeds would spend seconds drawing);
+    `scripts/draw_circuit.py` draws any other from its results."""
 
     def __init__(self, enabled: bool, model, task, logs, limit: int = 16):
         self.circuits = [circuit_json(c) for c in task.circuits] if task.circuits else None
@@ -432,10 +496,10 @@ class Pictures:
     def picture(self, result: dict, d: Path) -> Path:
         """d/circuit.png of this result, drawn unless the last one drawn there shows the same."""
         p = picture_of(result)
-        key = drawn_content(p)
-        path = d / "circuit.png"
+        task_marks_ = marks(p)
+        key, path = drawn_content(p, task_marks_), d / "circuit.png"
         if self.drawn.get(d) != key or not path.exists():
-            draw(p, path)
+            render(scene(p, task_marks_), path)
             self.drawn[d] = key
         return path
 

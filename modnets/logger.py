@@ -111,7 +111,7 @@ class WandbLogger:
         max_pictures=16,
     ):
         self.max_points = int(max_points)  # W&B charts sample long histories anyway; results.json keeps them all
-        self.pictures = bool(pictures)  # circuit.png and W&B images of modular runs (false: matplotlib is never imported)
+        self.pictures = bool(pictures)  # circuit.png and W&B images of modular runs (false: nothing is drawn)
         self.max_pictures = int(max_pictures)  # only the first this many replicates of a run get pictures
         self.mode, self.project, self.entity = mode, project, entity
         self.group, self.tags, self.job_type = group, list(tags or []), job_type

@@ -217,7 +217,7 @@ def fraction(row: dict) -> float:
 
 
 def save(fig, path: Path) -> None:
-    """A small PNG: 80 dpi, and 64 colours when Pillow (a matplotlib dependency) is there."""
+    """A small PNG: 80 dpi, and 64 colours with Pillow (a core dependency)."""
     fig.savefig(path, dpi=80)
     try:
         from PIL import Image

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         print(f"  {name:<4} pictures=false {off:7.2f} s   (all: {' '.join(f'{t:.2f}' for t in values[False])})")
         print(f"  {name:<4} ratio {on / off:.3f} ({100 * (on / off - 1):+.1f}%)")
     if drawing:
-        print(f"  one drawing: {1000 * statistics.median(drawing):.0f} ms (median of 5, matplotlib already imported)")
+        print(f"  one drawing: {1000 * statistics.median(drawing):.0f} ms (median of 5, Pillow already imported)")
     return 0
 
 

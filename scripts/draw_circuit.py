@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", help="a results.json written by modnets-train")
     p.add_argument("--out", help="the PNG to write (default: circuit.png beside the results file)")
-    p.add_argument("--dpi", type=int, default=80)
+    p.add_argument("--dpi", type=int, default=draw.DPI, help=f"pixels per inch (default {draw.DPI})")
     args = p.parse_args(argv)
     try:
         result = json.loads(Path(args.results).read_text())

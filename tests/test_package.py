@@ -65,6 +65,7 @@ def test_wheel_installs_and_runs_the_default_experiment_from_any_folder(tmp_path
     assert result["status"] == "completed" and [h["epoch"] for h in result["history"]] == [1, 2]
     assert result["git_commit"] is None  # an installed copy is no checkout
     assert result["recovery"] is not None  # the recovery metrics ran (scipy is a core dependency)
+    assert (next((work / "outputs").glob("*/*")) / "circuit.png").exists()  # pictures need no extra (Pillow is core)
 
 
 def test_git_commit_is_the_commit_of_the_checkout_that_runs():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from modnets import draw, recovery
-from modnets.circuits import MULTITASK, PRESETS
+from modnets.circuits import MULTITASK, PRESETS, random_circuit
 from modnets.results import seal
 from modnets.train import run
 
@@ -205,8 +205,8 @@ sys.path.insert(0, {tests!r})
 {block}
 from conftest import make_cfg
 from modnets.train import run
-run(make_cfg("experiment=modular", "trainer.epochs=2", "logger.mode={mode}", "logger.pictures={pictures}", output_dir={out!r}))
-print("matplotlib" in sys.modules)
+run(make_cfg("experiment=modular", "trainer.epochs=4", "logger.mode={mode}", "logger.pictures={pictures}", output_dir={out!r}))
+print("matplotlib" in sys.modules, "PIL" in sys.modules)
 """
 
 
@@ -216,25 +216,64 @@ def python(code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("pictures", [False, True])
-def test_pictures_false_never_imports_matplotlib(tmp_path, pictures):
-    mode = "offline" if not pictures else "disabled"  # offline: nor does W&B import matplotlib
-    code = SNIPPET.format(tests=str(ROOT / "tests"), block="", pictures=pictures, mode=mode, out=str(tmp_path / "run"))
+def test_the_training_process_never_imports_matplotlib_and_pictures_false_draws_nothing(tmp_path, pictures):
+    """The default path (offline W&B, pictures at the checkpoints and the end) draws with Pillow only."""
+    code = SNIPPET.format(tests=str(ROOT / "tests"), block="", pictures=pictures, mode="offline", out=str(tmp_path / "run"))
     proc = python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split()[-1] == str(pictures)
+    assert proc.stdout.split()[-2:] == ["False", str(pictures)]  # matplotlib never; Pillow only to draw
     assert (tmp_path / "run" / "circuit.png").exists() == pictures
+    (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    images = list((run_dir / "files" / "media" / "images").glob("circuit_*.png"))
+    assert len(images) == (2 if pictures else 0)  # epoch 2 (every other recovery checkpoint) and the end
 
 
-def test_without_matplotlib_one_warning_names_the_extra_and_the_run_completes(tmp_path):
-    block = "sys.modules['matplotlib'] = None  # as if not installed"
+def test_without_pillow_one_warning_names_the_fix_and_the_run_completes(tmp_path):
+    block = "sys.modules['PIL'] = None  # as if not installed"
     code = SNIPPET.format(tests=str(ROOT / "tests"), block=block, pictures=True, mode="disabled", out=str(tmp_path / "run"))
     proc = python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    warnings = [line for line in proc.stderr.splitlines() if "matplotlib" in line]
-    assert len(warnings) == 1 and "modnets[sweeps]" in warnings[0]
+    warnings = [line for line in proc.stderr.splitlines() if "Pillow" in line]
+    assert len(warnings) == 1 and "pip install pillow" in warnings[0]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["status"] == "completed" and result["modules"]["gates"]
     assert not (tmp_path / "run" / "circuit.png").exists()
+
+
+def red_pixels(path: Path) -> np.ndarray:
+    """(x, y) of the pixels drawn in the colour of wrong marks (or nearly: wires are smoothed)."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    wrong = np.array([int(draw.WRONG[i : i + 2], 16) for i in (1, 3, 5)])
+    y, x = np.nonzero(np.abs(rgb - wrong).sum(axis=2) < 60)
+    return np.stack([x, y], axis=1)
+
+
+def test_a_wrong_wire_is_drawn_in_red_where_it_runs_and_nothing_else_is_red(tmp_path):
+    result = perfect([PRESETS[(6, 3, 3, 2, 2)]])
+    assert len(red_pixels(draw.draw(draw.picture_of(result), tmp_path / "right.png"))) == 0
+    result["routing"]["inputs"][1][0][1] = [0, 2]  # layer 2, module 1 reads (0, 2), truth (1, 2): one wrong wire
+    p = draw.picture_of(result)
+    scene = draw.scene(p)
+    (wire,) = scene.wires[False]
+    left, top = scene.frame[:2]
+    px = [(wire[0] - left) * draw.COL_IN * draw.DPI, (wire[2] - left) * draw.COL_IN * draw.DPI]
+    py = [(top - wire[1]) * draw.ROW_IN * draw.DPI, (top - wire[3]) * draw.ROW_IN * draw.DPI]
+    red = red_pixels(draw.draw(p, tmp_path / "wrong.png"))
+    assert len(red) > 10  # dashes along the wire
+    assert min(px) - 3 <= red[:, 0].min() and red[:, 0].max() <= max(px) + 3  # ... and red nowhere else
+    assert min(py) - 3 <= red[:, 1].min() and red[:, 1].max() <= max(py) + 3
+
+
+@pytest.mark.parametrize("n_inputs", [16, 32])
+def test_a_wide_random_circuits_picture_has_fixed_rows_and_a_bounded_size(tmp_path, n_inputs):
+    c = random_circuit(n_inputs, [n_inputs // 2, n_inputs // 4, n_inputs // 8], seed=1)
+    path = draw.draw(draw.picture_of(perfect([c])), tmp_path / "wide.png")
+    width, height = png_size(path)
+    assert height == round((n_inputs + draw.TITLE_H + 0.6) * draw.ROW_IN * draw.DPI)  # one fixed-height row per input
+    assert width == round(2 * (3 + draw.PANEL_W) * draw.COL_IN * draw.DPI)  # two panels of three layers, however many inputs
+    assert path.stat().st_size < 3000 * n_inputs  # small enough to log at every checkpoint
 
 
 def test_multitask_marks_follow_each_tasks_own_circuit():
@@ -271,4 +310,4 @@ def test_without_a_true_circuit_the_learned_network_is_drawn_alone(cfg_in, tmp_p
     p = draw.picture_of(result)
     assert not draw.comparable(p) and {m["state"] for tm in draw.marks(p) for layer in tm["layers"] for m in layer} == {None}
     width, _ = png_size(tmp_path / "run" / "circuit.png")
-    assert width < 2 * (2 + draw.PANEL_W) * draw.COL_IN * 80  # one panel, not two
+    assert width < 2 * (2 + draw.PANEL_W) * draw.COL_IN * draw.DPI  # one panel, not two
