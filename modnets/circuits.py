@@ -209,10 +209,11 @@ def random_circuit(
 
     Guarantees: every module is read by the next layer (every module is reachable from an
     output), every input bit is read when the first layer has room (`widths[0] * k >= n_inputs`),
-    the k inputs of a module are distinct, no two modules of a layer apply the same gate to the
-    same inputs, no module and no output is constant, and inverting any module changes some
-    output. Functional checks run on the whole truth table up to 12 inputs and on 4096 random
-    rows beyond (passing them on a sample proves non-constancy). Each module's gate is drawn
+    the k inputs of a module are distinct, no two modules of a layer compute the same function
+    (on the rows checked; no two outputs one function or its negation), no module and no output
+    is constant, and inverting any module changes some output. Functional checks run on the
+    whole truth table up to 12 inputs and on 4096 random rows beyond (passing them on a sample
+    proves non-constancy). Each module's gate is drawn
     from the library among those whose rarer output value occurs on at least 1/32 of those
     rows, so that deep circuits do not collapse into near-constant outputs. Deterministic in
     `seed`; the library is `gates` (default: `default_gates(k)`).
@@ -237,8 +238,8 @@ def random_circuit(
     x = check_rows(n_inputs, rng)
     for _ in range(tries):
         layers, h = [], x
-        for n in widths:
-            layer = random_layer(rng, h, n, k, gates)
+        for i, n in enumerate(widths):
+            layer = random_layer(rng, h, n, k, gates, outputs=i == len(widths) - 1)
             if layer is None:
                 break
             layers.append(layer)
@@ -251,10 +252,15 @@ def random_circuit(
     raise ConfigError("task.circuit_seed", seed, allowed)
 
 
-def random_layer(rng: np.random.Generator, h: np.ndarray, n: int, k: int, gates: list[str]) -> tuple[Gate, ...] | None:
+def random_layer(
+    rng: np.random.Generator, h: np.ndarray, n: int, k: int, gates: list[str], outputs: bool = False
+) -> tuple[Gate, ...] | None:
     """n gates reading k distinct of the units h [rows, width] each, covering every unit when
-    n * k >= width; each gate drawn at random among those not yet applied to the same inputs
-    whose output is not near-constant on h (None when a module has no such gate)."""
+    n * k >= width; each gate drawn at random among those whose output on h is not near-constant
+    and differs from every earlier module's of the layer (`outputs`, the last layer: and from its
+    negation); None when a module has no such gate. Outputs, not gate names, are compared:
+    different gates on dependent units (or MAJ and TH2 on three inputs) can compute one function,
+    which made the two outputs of some circuits one function or its negation."""
     width = h.shape[1]
     deal = list(rng.permutation(width))
     layer, seen = [], set()
@@ -263,12 +269,13 @@ def random_layer(rng: np.random.Generator, h: np.ndarray, n: int, k: int, gates:
         rest = [u for u in rng.permutation(width) if u not in ins]
         ins = tuple(sorted(int(u) for u in [*ins, *rest[: k - len(ins)]]))
         for op in rng.permutation(gates):
-            p = GATES[op](h[:, list(ins)]).mean()
-            if (op, ins) not in seen and min(p, 1 - p) >= MIN_MINORITY:
+            out = np.asarray(GATES[op](h[:, list(ins)]), dtype=np.uint8) & 1
+            p = out.mean()
+            if out.tobytes() not in seen and min(p, 1 - p) >= MIN_MINORITY:
                 break
         else:
             return None
-        seen.add((op, ins))
+        seen |= {out.tobytes(), (1 - out).tobytes()} if outputs else {out.tobytes()}
         layer.append(Gate(str(op), ins))
     return tuple(layer)
 

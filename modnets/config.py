@@ -123,6 +123,7 @@ RULES = {
     "task.widths": optional(int_list(1, min_len=1)),
     "model.hidden": int_list(1),
     "model.num_modules": optional(int_list(1, min_len=1)),
+    "model.widen": integer(1),
     "model.library_size": optional(integer(1)),
     "model.prune_percent": number(0, 100, what="a percentage"),
 }

@@ -152,7 +152,9 @@ class ModularNet(nn.Module):
 
     `shared=False`: one module per slot. `shared=True`: a library of `library_size` modules
     shared by all layers, each slot picking one through a location router. Layer widths
-    (`num_modules`) default to the task's structure; an output router picks the task's output
+    (`num_modules`) default to the task's structure, every layer but the last `widen` times
+    wider (spare modules: more chances that some module finds each true input set, the
+    routers above pick the ones they need); an output router picks the task's output
     bits from the last layer (or from all layers with `skip_output`). `init`: `torch` (the
     original, torch.nn.Linear's uniform init) or `lsuv` (signal-preserving, see `lsuv`).
     Routers come from the router method (`routing`); the model never names a router class.
@@ -169,6 +171,7 @@ class ModularNet(nn.Module):
         library_size=None,
         skip_output=False,
         init="torch",
+        widen=1,
     ):
         super().__init__()
         T, k = task.n_tasks, int(routing.topk)
@@ -177,7 +180,8 @@ class ModularNet(nn.Module):
         circuits: list[Circuit] | None = task.circuits
         if num_modules is None:
             check(circuits is not None, "model.num_modules", None, "explicit widths: this task has no modular structure")
-            num_modules = task.modularity[1:-1]
+            check(widen == 1 or not routing.known, "model.widen", widen, "1 under known routing (the task's widths)")
+            num_modules = [int(n) * int(widen) for n in task.modularity[1:-2]] + task.modularity[-2:-1]
         num_modules = [int(n) for n in num_modules]
         check(len(num_modules) > 0 and min(num_modules) > 0, "model.num_modules", num_modules, "positive widths")
         if routing.known:

@@ -66,7 +66,8 @@ def dumps(data: dict) -> str:
 
 
 def arch_label(config: dict) -> str:
-    """mlp, modular/shared + known/known outputs or the router method (learned, gumbel, soft, ...), from a resolved config."""
+    """mlp, modular/shared + known/known outputs or the router method (learned, gumbel, soft, ...), + wide
+    with spare modules (model.widen > 1), from a resolved config."""
     model, router = config.get("model", {}), config.get("router", {})
     target = str(model.get("_target_", ""))
     if "MLP" in target or "modular" not in target.lower() and "Modular" not in target:
@@ -80,7 +81,8 @@ def arch_label(config: dict) -> str:
     if router.get("known_outputs") and not any(known[:1] + known[2:]):
         return f"{kind} known outputs"
     method = str(router.get("_target_", "")).rsplit(".", 1)[-1].lower() or "learned"  # the router method's class
-    return f"{kind} gumbel" if method == "learned" and router.get("gumbel") else f"{kind} {method}"
+    label = f"{kind} gumbel" if method == "learned" and router.get("gumbel") else f"{kind} {method}"
+    return label + (" wide" if int(model.get("widen") or 1) > 1 else "")  # spare modules (model.widen)
 
 
 def warn(message: str) -> None:

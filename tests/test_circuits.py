@@ -78,6 +78,19 @@ def test_every_module_reachable_and_nothing_constant(n, widths, k, seed):
             assert not np.array_equal(layer_outputs(c, x, (i, j))[-1], outs[-1]), (i, j)
 
 
+@pytest.mark.parametrize("n,widths,k", [(8, [4, 2, 2], 2), (12, [4, 4, 2], 3), (9, [3, 3, 2], 3)])
+@pytest.mark.parametrize("seed", range(6))
+def test_no_two_modules_of_a_layer_compute_one_function(n, widths, k, seed):
+    # gate names are not functions: on dependent units two gates can agree (9 inputs, 3-input
+    # gates, seed 0 once had two outputs computing one function, an output task that was one task)
+    c = random_circuit(n, widths, k, seed=seed)
+    outs = layer_outputs(c, rows_of(n))  # the whole truth table
+    for h in outs:
+        assert len({col.tobytes() for col in h.T}) == h.shape[1]
+    last = outs[-1].astype(np.uint8)
+    assert len({min(col.tobytes(), (1 - col).tobytes()) for col in last.T}) == last.shape[1]  # nor negations
+
+
 def test_modules_of_one_gate_type_share_a_library_module():
     c = random_circuit(12, [4, 4, 2], 3, seed=0)
     assert set(c.library) <= set(default_gates(3))

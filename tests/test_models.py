@@ -3,6 +3,7 @@ import torch
 
 from modnets.config import ConfigError
 from modnets.models import MLP, ModularNet, ModuleBank, parameter_groups
+from modnets.recovery import recover
 from modnets.routers import Learned
 from modnets.tasks import BooleanTask
 
@@ -92,6 +93,21 @@ def test_widths_that_cannot_work_are_config_errors(kwargs, routing, key):
 def test_widths_follow_the_task():
     model = ModularNet(BooleanTask([6, 3, 3, 2, 2]), Learned(), gens(0))
     assert [b.weights[0].shape[1] for b in model.banks] == [3, 3, 2]
+
+
+def test_widen_multiplies_every_layer_but_the_last_and_recovery_still_finds_the_circuit():
+    task = BooleanTask([6, 3, 3, 2, 2])
+    model = ModularNet(task, Learned(), gens(0), widen=2)
+    assert [b.weights[0].shape[1] for b in model.banks] == [6, 6, 2]
+    assert [r.logits.shape[2:] for r in model.routers] == [(6, 6), (6, 6), (6, 2)]  # [R, T, choices, consumers]
+    # the circuit on first-layer modules 1, 3, 5 and second-layer modules 0, 2, 4; the spares read other inputs
+    inputs = [[[[0, 2], [0, 1], [1, 3], [2, 3], [3, 5], [4, 5]]], [[[1, 3], [0, 2], [3, 5], [0, 2], [1, 5], [0, 2]]],
+              [[[0, 4], [2, 4]]]]
+    assert recover({"inputs": inputs, "outputs": [[0, 1]]}, task.circuits)["exact_structure"] == 1.0
+    inputs[1][0][4] = [1, 2]  # a second-layer module reads a spare
+    assert recover({"inputs": inputs, "outputs": [[0, 1]]}, task.circuits)["exact_structure"] == 0.0
+    with pytest.raises(ConfigError, match="model.widen"):
+        ModularNet(task, Learned(known_inputs=True), gens(0), widen=2)
 
 
 def test_module_bank_computes_what_its_einsum_did_bit_for_bit():

@@ -105,9 +105,10 @@ def test_a_finished_run_gets_its_selection_when_relaunched_with_select(cfg_in, t
     assert selected["final"]["train_loss"] == min(r["final"]["train_loss"] for r in results)
 
 
+@pytest.mark.parametrize("experiment", ["discover", "discover_deep"])
 @pytest.mark.parametrize("task", BOOLEAN_TASKS)
-def test_discover_composes_and_builds_for_every_boolean_task(task):
-    cfg = make_cfg("experiment=discover", f"task={task}", "trainer.replicates=2")
+def test_discover_composes_and_builds_for_every_boolean_task(task, experiment):
+    cfg = make_cfg(f"experiment={experiment}", f"task={task}", "trainer.replicates=2")
     validate(cfg)
     assert cfg.trainer.select == "train_loss" and OmegaConf.select(cfg, "router.topk") == cfg.task.get("arity", 2)
     b = build(cfg)
@@ -130,7 +131,7 @@ BENCH = importlib.util.spec_from_file_location("routing_benchmark", ROOT / "scri
 routing_benchmark = importlib.util.module_from_spec(BENCH)
 BENCH.loader.exec_module(routing_benchmark)
 BENCHMARK_TASKS = sorted(p.stem for p in (ROOT / "conf" / "benchmark_task").glob("*.yaml"))
-BENCHMARK_ARCHS = ["mlp", "shared_known", "modular", "modular_gumbel", "modular_soft", "modular_sampling"]
+BENCHMARK_ARCHS = ["mlp", "shared_known", "modular", "modular_gumbel", "modular_soft", "modular_soft_wide", "modular_sampling"]
 
 
 @pytest.mark.parametrize("task", BENCHMARK_TASKS)
@@ -140,6 +141,18 @@ def test_routing_benchmark_cells_compose_and_build(task):
                        "trainer.population=1")
         b = build(cfg)
         assert b.task.circuits and len(b.seeds) == 2
+
+
+def test_best_of_regroups_single_runs_into_larger_populations_by_training_loss_only():
+    config = {"task._target_": "modnets.tasks.BooleanTask", "task.modularity": [6, 3, 3, 2, 2], "task.train_fraction": 0.8}
+    losses = [0.5, 0.1, 0.3, 0.2, 0.05, 0.4, 0.6, 0.7]  # seeds 0..7; populations of 4: seeds 1 and 4 win
+    runs = [{"arch": "modular soft wide", "seed": s, "config": config,
+             "metrics": {"final.train_loss": loss, "final.heldout_acc": s / 10}} for s, loss in enumerate(losses)]
+    other = {"final.train_loss": 0.0, "final.heldout_acc": 1.0}
+    runs.append({**runs[0], "arch": "modular soft", "metrics": other})  # another method: not in the cell
+    assert routing_benchmark.best_of(runs, ("[6, 3, 3, 2, 2]", 0.8, "modular soft wide"), 4) == [0.1, 0.4]
+    assert routing_benchmark.best_of(runs, ("[6, 3, 3, 2, 2]", 0.8, "modular soft wide"), 8) == [0.4]
+    assert routing_benchmark.best_of(runs, ("[6, 3, 3, 2, 2]", 0.5, "modular soft wide"), 4) == []
 
 
 def test_routing_benchmark_sweep_runs_and_is_tabulated(tmp_path):
