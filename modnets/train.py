@@ -233,21 +233,18 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
         x_epoch = task.x[rows] if x_noise is None else task.x[rows] + x_noise  # the epoch's inputs, gathered once
         xs, ys, ids = (t.split(batch, 1) for t in (x_epoch, task.y[rows], task.task_id[rows]))
         for s in range(steps):
-            if hand is not None:  # the same numbers as the autograd path below, without its graph
-                optimizer.zero_grad(set_to_none=True)
-                losses = hand(xs[s], ys[s])
-                epoch_loss += losses  # NaN and inf stick: checked once per epoch, no sync per step
-                optimizer.step()
-                continue
-            part = slice(s * batch, (s + 1) * batch)
-            noise = {k: v[:, part] if per_sample else v[:, s : s + 1] for k, v in r_noise.items()}
-            logits = model(xs[s], ids[s], noise)
-            per_output = F.binary_cross_entropy_with_logits(logits, ys[s], reduction="none")
-            losses = per_output.mean((1, 2))
-            epoch_loss += losses.detach()
-            extra = method.loss(model, per_output, progress) if method is not None else None
             optimizer.zero_grad(set_to_none=True)
-            (losses.sum() if extra is None else losses.sum() + extra.sum()).backward()
+            if hand is not None:  # the same numbers as the autograd path below, without its graph
+                losses = hand(xs[s], ys[s])
+            else:
+                part = slice(s * batch, (s + 1) * batch)
+                noise = {k: v[:, part] if per_sample else v[:, s : s + 1] for k, v in r_noise.items()}
+                logits = model(xs[s], ids[s], noise)
+                per_output = F.binary_cross_entropy_with_logits(logits, ys[s], reduction="none")
+                losses = per_output.mean((1, 2))
+                extra = method.loss(model, per_output, progress) if method is not None else None
+                (losses.sum() if extra is None else losses.sum() + extra.sum()).backward()
+            epoch_loss += losses.detach()  # NaN and inf stick: checked once per epoch, no sync per step
             optimizer.step()
         scheduler.step()
         due = epoch % int(tr.eval_every) == 0 or epoch == int(tr.epochs)
