@@ -4,7 +4,8 @@ One `results.json` per run (per replicate), written atomically. A run is identif
 the hash of its resolved config, so that a relaunched sweep skips what already finished,
 and a sweep job that raised leaves a `failed` results file instead of stopping the sweep.
 
-Every file carries `format` (FORMAT) and `checksum`, the sha256 of the rest of it (`seal`);
+Every file carries `format` (FORMAT) and `checksum`, the sha256 of the rest of it as the file
+encodes it (`encode`: each file is encoded once; files of format 1 are still read and checked);
 `problem` says why a loaded file is not a sound modnets results file (foreign, of another
 format, edited or corrupted), and such a file is never trusted: a sweep reruns the job, the
 aggregator lists it apart.
@@ -57,7 +58,7 @@ def dumps(data: dict) -> str:
     readable, and written by json's C encoder (an indented dump runs its Python one, 2-3x slower)."""
     lines = []
     for key, value in data.items():
-        if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+        if isinstance(value, (list, tuple)) and value and all(isinstance(row, dict) for row in value):
             body = "[\n  " + ",\n  ".join(json.dumps(row) for row in value) + "\n ]"
         else:
             body = json.dumps(value)
@@ -108,18 +109,32 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-FORMAT = "modnets-results-1"
+FORMAT = "modnets-results-2"
+FORMAT_1 = "modnets-results-1"  # still read: its checksum is over a canonical (sorted-key) encoding
+FORMATS = (FORMAT_1, FORMAT)
 
 
 def checksum(result: dict) -> str:
-    """sha256 of a results dict without its `checksum` (canonical JSON: sorted keys)."""
+    """sha256 of a results dict without its `checksum`. Format 2: of the file's own encoding of the
+    rest (`dumps`, keys in file order), so that writing encodes each file once and hashes those
+    bytes; format 1: of a canonical encoding (sorted keys)."""
     body = {k: v for k, v in result.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    if result.get("format") == FORMAT_1:
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(dumps(body).encode()).hexdigest()
+
+
+def encode(result: dict) -> tuple[dict, bytes]:
+    """A results dict sealed with `format` and `checksum`, and the bytes of its file: the rest is
+    encoded once, hashed, and the checksum appended as the last key."""
+    body = {k: v for k, v in result.items() if k != "checksum"} | {"format": FORMAT}
+    text = dumps(body)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return body | {"checksum": digest}, (text[: -len("\n}\n")] + f',\n "checksum": "{digest}"\n}}\n').encode()
 
 
 def seal(result: dict) -> dict:
-    result = {k: v for k, v in result.items() if k != "checksum"} | {"format": FORMAT}
-    return result | {"checksum": checksum(result)}
+    return encode(result)[0]
 
 
 def problem(result) -> str | None:
@@ -128,8 +143,8 @@ def problem(result) -> str | None:
         return f"not a modnets results file (a JSON {type(result).__name__}, not an object)"
     if "checksum" not in result:
         return "not a modnets results file (no checksum)"
-    if result.get("format") != FORMAT:
-        return f"results format {result.get('format')!r}; this modnets reads {FORMAT!r}"
+    if result.get("format") not in FORMATS:
+        return f"results format {result.get('format')!r}; this modnets reads {' and '.join(map(repr, FORMATS))}"
     if result["checksum"] != checksum(result):
         return "corrupted or edited: its content does not match its checksum"
     return None
@@ -138,8 +153,8 @@ def problem(result) -> str | None:
 def write_json(path: Path, data: dict) -> dict:
     """A results file, sealed with its checksum, written atomically; returns what it wrote."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = seal(data)
-    write_atomic(path, dumps(data).encode())
+    data, content = encode(data)
+    write_atomic(path, content)
     return data
 
 
