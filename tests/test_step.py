@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import modnets.train
-from modnets.step import hand_step
+from modnets.step import LANES, hand_step
 from modnets.train import Evaluator, build, fit
 
 COVERED = [
@@ -27,7 +27,7 @@ def autograd_step(model, x, task_id, y):
 
 
 @pytest.mark.parametrize("overrides", COVERED)
-@pytest.mark.parametrize("replicates", [1, 3])
+@pytest.mark.parametrize("replicates", [1, 3, LANES])  # LANES: modnets.step.lane_step where the shapes allow
 def test_hand_step_equals_autograd_bit_for_bit(cfg_in, overrides, replicates):
     b = build(cfg_in(*overrides, f"trainer.replicates={replicates}", "trainer.device=cpu"))
     model, task = b.model, b.task
