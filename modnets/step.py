@@ -204,9 +204,13 @@ def from_lanes(t: torch.Tensor) -> torch.Tensor:
 def dot(pairs) -> torch.Tensor:
     """sum of a * b over the pairs, as bmm's small-matrix loop adds them: from +0, in order,
     each product and sum rounded alone (no fused multiply-add)."""
-    acc = None
+    acc = product = None
     for a, b in pairs:
-        acc = torch.mul(a, b) if acc is None else acc.add_(torch.mul(a, b))
+        if acc is None:
+            acc = torch.mul(a, b)
+            product = torch.empty_like(acc)  # reused: a fresh tensor per product costs more than the product
+        else:
+            acc.add_(torch.mul(a, b, out=product))
     return acc.add_(0.0)  # 0 + a0*b0 + ... differs from a0*b0 + ... only in giving +0 for -0
 
 
