@@ -6,6 +6,7 @@
     python scripts/bench.py --targets                # the interactive-speed targets beside the measurements
     python scripts/bench.py --startup                # where one `modnets-train experiment=modular` spends its time
     python scripts/bench.py --step                   # ms per training step: by hand, through autograd, optimizer, evaluation
+    python scripts/bench.py --sync-check --device cuda   # host synchronisations per epoch of CUDA training
 
 "train" is the training loop of one process (forward, backward, optimizer, evaluation of
 every split every epoch as the presets do), timed by `results.json`'s `train_time_s`.
@@ -237,6 +238,41 @@ def step_costs(preset: str, replicates: int, threads: int | None, repeats: int) 
     return ms
 
 
+def sync_check(preset: str, replicates: int, epochs: tuple[int, int] = (4, 12)) -> dict:
+    """Host synchronisations of CUDA training: torch's sync debug mode warns at every synchronising
+    call. Two runs of `epochs[0]` and `epochs[1]` epochs; the difference of their counts, per epoch, is
+    what training itself syncs (building, results and recovery sync once per run, in both)."""
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    from modnets.train import run
+
+    counts, places = [], Counter()
+    for n in (epochs[0], *epochs):  # the first run warms CUDA up (kernels, handles) and is not counted
+        with tempfile.TemporaryDirectory() as out:
+            cfg = compose(f"experiment={preset}", f"trainer.replicates={replicates}", "trainer.device=cuda",
+                          f"trainer.epochs={n}", "trainer.progress=false", "logger.mode=disabled", f"output_dir={out}")
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run(cfg)
+            torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        counts.append(len(syncs))
+        if n == epochs[1]:
+            places = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    steps = math.ceil(51 / int(cfg.trainer.batch_size))  # 51 training rows at fraction 0.8
+    per_epoch = (counts[2] - counts[1]) / (epochs[1] - epochs[0])
+    print(f"{preset}, R={replicates}: {counts[1]} syncs in {epochs[0]} epochs, {counts[2]} in {epochs[1]}:"
+          f" {per_epoch:.2f} per epoch ({steps} steps per epoch)")
+    for place, n in places.most_common(6):
+        print(f"  {n:>5}  {place}")
+    return {"preset": preset, "replicates": replicates, "syncs_per_epoch": per_epoch, "steps_per_epoch": steps,
+            "places": dict(places.most_common(10))}
+
+
 def targets(repeats: int, threads: int | None) -> list[dict]:
     """Measure every target (medians of `repeats`) and print it beside its limit."""
     one = median_of(repeats, lambda: cli_run(1, "offline", threads))
@@ -273,6 +309,7 @@ def main() -> None:
     parser.add_argument("--targets", action="store_true", help="only the interactive-speed targets, beside the measurements")
     parser.add_argument("--startup", action="store_true", help="only the breakdown of one end-to-end run")
     parser.add_argument("--step", action="store_true", help="only ms per training step of --cases at the first --replicates")
+    parser.add_argument("--sync-check", action="store_true", help="only host syncs per epoch of CUDA training of --cases")
     args = parser.parse_args()
 
     import torch
@@ -281,6 +318,11 @@ def main() -> None:
         steps = {case: step_costs(CASES[case][0], args.replicates[0], args.threads, max(3, args.repeats)) for case in args.cases}
         if args.out:
             Path(args.out).write_text(json.dumps({"torch": torch.__version__, "step_ms": steps}, indent=1))
+        return
+    if args.sync_check:
+        checks = [sync_check(CASES[case][0], args.replicates[0]) for case in args.cases]
+        if args.out:
+            Path(args.out).write_text(json.dumps({"torch": torch.__version__, "sync_check": checks}, indent=1))
         return
     if args.targets or args.startup:
         load = os.getloadavg()[0]
