@@ -30,16 +30,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '', 'cpus', __import__('os').cpu_count())"
 
 # shellcheck disable=SC2086
-stage train_gpu "${LIMIT_TRAIN:-180}" $py scripts/bench.py --device "$device" --replicates $replicates --cases $cases \
-  --cli-replicates --out "$out/train_gpu.json"
-[ "$device" = cuda ] && stage sync_check "${LIMIT_SYNC:-45}" $py scripts/bench.py --sync-check --replicates 32 \
+stage train_gpu "${LIMIT_TRAIN:-200}" $py scripts/bench.py --device "$device" --replicates $replicates --cases $cases \
+  --repeats "${REPEATS:-2}" --cli-replicates --out "$out/train_gpu.json"
+[ "$device" = cuda ] && stage sync_check "${LIMIT_SYNC:-40}" $py scripts/bench.py --sync-check --replicates 32 \
   --cases modular shared mlp --out "$out/sync_check.json"
-stage train_cpu "${LIMIT_CPU:-75}" $py scripts/bench.py --device cpu --replicates ${CPU_REPLICATES:-1024 4096} --cases modular \
+stage train_cpu "${LIMIT_CPU:-70}" $py scripts/bench.py --device cpu --replicates ${CPU_REPLICATES:-1024 4096} --cases modular \
   --cli-replicates --out "$out/train_cpu.json"
 if [ "${SE:-1}" = 1 ]; then
   for dev in "$device" cpu; do
-    dir=$out/se_$dev jobs=$gpu_jobs limit=${LIMIT_SE_GPU:-130}
-    [ "$dev" = cpu ] && jobs=$(nproc) limit=${LIMIT_SE_CPU:-100}
+    dir=$out/se_$dev jobs=$gpu_jobs limit=${LIMIT_SE_GPU:-120}
+    [ "$dev" = cpu ] && jobs=$(nproc) limit=${LIMIT_SE_CPU:-80}
     start=$SECONDS
     stage "se_$dev" "$limit" $py -m modnets.train experiment=sample_efficiency trainer.device="$dev" \
       hydra/launcher=joblib hydra.launcher.n_jobs="$jobs" hydra.sweep.dir="$dir"
