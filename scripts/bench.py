@@ -190,19 +190,21 @@ def startup(repeats: int, threads: int | None) -> dict[str, float]:
     return parts | {"end to end": run["wall"], "W&B adds": extra}
 
 
-def step_costs(preset: str, replicates: int, threads: int | None, repeats: int) -> dict[str, float]:
+def step_costs(preset: str, replicates: int, threads: int | None, repeats: int, device: str = "cpu") -> dict[str, float]:
     """Milliseconds per training step of one preset in this process (best of `repeats` rounds of 300
     steps on one minibatch): forward and gradients by hand (modnets.step) and through autograd, the
-    optimizer step, and one evaluation of every split (the presets evaluate every epoch)."""
+    optimizer step, one evaluation of every split (the presets evaluate every epoch), and one
+    epoch's host-side random draws (each replicate's minibatch order from its own generator). On
+    CUDA every round ends with a synchronize, so the times include the kernels."""
     import torch
     import torch.nn.functional as F
 
     from modnets.step import hand_step
-    from modnets.train import Evaluator, build
+    from modnets.train import Evaluator, build, draw_epoch
 
     with tempfile.TemporaryDirectory() as out:
         cfg = compose(f"experiment={preset}", f"trainer.replicates={replicates}", f"trainer.threads={threads or 'null'}",
-                      "trainer.device=cpu", "logger.mode=disabled", f"output_dir={out}")
+                      f"trainer.device={device}", "logger.mode=disabled", f"output_dir={out}")
         b = build(cfg)
     task, model, optimizer = b.task, b.model, b.optimizer
     hand, evaluator = hand_step(model, getattr(model, "routing", None)), Evaluator(task, int(cfg.trainer.eval_batch_size))
@@ -219,7 +221,10 @@ def step_costs(preset: str, replicates: int, threads: int | None, repeats: int) 
         hand(x, y)
 
     parts = {"forward + gradients, through autograd": autograd, "forward + gradients, by hand (modnets.step)": by_hand,
-             "optimizer step": optimizer.step, "evaluation of every split (once per epoch)": lambda: evaluator(model, replicates)}
+             "optimizer step": optimizer.step, "evaluation of every split (once per epoch)": lambda: evaluator(model, replicates),
+             "random draws of one epoch (host, per replicate)": lambda: draw_epoch(
+                 b.generators, len(task.splits["train"]), task.x.shape[1:], 0.0, {}, 1, False, task.x.device)}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     ms = {}
     for name, fn in parts.items():
         if name.endswith("(modnets.step)") and hand is None:
@@ -227,21 +232,24 @@ def step_costs(preset: str, replicates: int, threads: int | None, repeats: int) 
         rounds = []
         for _ in range(repeats):
             fn()
+            sync()
             start = time.perf_counter()
             for _ in range(300):
                 fn()
+            sync()
             rounds.append((time.perf_counter() - start) / 300 * 1e3)
         ms[name] = min(rounds)
-    print(f"{preset}, R={replicates}, torch threads {torch.get_num_threads()}: ms per call, best of {repeats} x 300")
+    print(f"{preset}, R={replicates}, {device}, torch threads {torch.get_num_threads()}: ms per call, best of {repeats} x 300")
     for name, t in ms.items():
         print(f"  {name:<52} {t:>7.3f} ms")
     return ms
 
 
-def sync_check(preset: str, replicates: int, epochs: tuple[int, int] = (4, 12)) -> dict:
+def sync_check(preset: str, replicates: int, epochs: tuple[int, int] = (20, 60)) -> dict:
     """Host synchronisations of CUDA training: torch's sync debug mode warns at every synchronising
     call. Two runs of `epochs[0]` and `epochs[1]` epochs; the difference of their counts, per epoch, is
-    what training itself syncs (building, results and recovery sync once per run, in both)."""
+    what training itself syncs: building and results sync once per run, and recovery about ten
+    times per run, in both runs alike."""
     import warnings
     from collections import Counter
 
@@ -308,14 +316,17 @@ def main() -> None:
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--targets", action="store_true", help="only the interactive-speed targets, beside the measurements")
     parser.add_argument("--startup", action="store_true", help="only the breakdown of one end-to-end run")
-    parser.add_argument("--step", action="store_true", help="only ms per training step of --cases at the first --replicates")
+    parser.add_argument("--step", action="store_true", help="only ms per training step of --cases at --replicates")
     parser.add_argument("--sync-check", action="store_true", help="only host syncs per epoch of CUDA training of --cases")
     args = parser.parse_args()
 
     import torch
 
     if args.step:
-        steps = {case: step_costs(CASES[case][0], args.replicates[0], args.threads, max(3, args.repeats)) for case in args.cases}
+        steps = {
+            f"{case} R={R}": step_costs(CASES[case][0], R, args.threads, max(3, args.repeats), args.device)
+            for case in args.cases for R in args.replicates
+        }
         if args.out:
             Path(args.out).write_text(json.dumps({"torch": torch.__version__, "step_ms": steps}, indent=1))
         return
