@@ -4,9 +4,9 @@ W&B runs in a worker process (`python -m modnets.logger`). The `modnets-train` c
 first thing (`prelaunch`, before torch is imported) when its command line looks like one run with
 W&B on; otherwise the first `start()` launches it. Importing wandb and starting W&B's service cost
 about a second of CPU, which the worker spends on the other core while this process imports torch
-and trains. `log`, `log_rows` and `finish` only
-queue a line for it; `settle()` waits until it has finished the runs finished so far (and keeps
-it for more), `close()` until it has finished every run and ended. Run ids are chosen here, so
+and trains. `log`, `log_rows` and `finish` only queue a line for it; `settle()` waits until it
+has finished the runs finished so far (and keeps it for more), `close()` until it has finished
+every run and ended. Run ids are chosen here, so
 the results file names its W&B run without asking the worker. History rows travel in chunks
 (`log_rows`), which the worker hands to W&B's service in one go rather than one `log` call a row.
 
