@@ -142,6 +142,7 @@ def python_wall(code: str) -> float:
     return time.perf_counter() - start
 
 
+IMPORT = "import os, modnets.train; os._exit(0)"  # without the interpreter's teardown, as modnets-train ends
 COMPOSE = """import time, modnets.train, scripts.bench as b
 start = time.perf_counter(); b.compose("experiment=modular"); print(time.perf_counter() - start)"""
 
@@ -166,7 +167,7 @@ def startup(repeats: int, threads: int | None) -> dict[str, float]:
     """Seconds of each part of one end-to-end run (W&B offline), medians of `repeats`; and what
     W&B adds end to end (the same run with W&B disabled)."""
     bare = median_of(repeats, lambda: {"t": python_wall("pass")})["t"]
-    imported = median_of(repeats, lambda: {"t": python_wall("import modnets.train")})["t"]
+    imported = median_of(repeats, lambda: {"t": python_wall(IMPORT)})["t"]
     composing = median_of(repeats, lambda: {"t": compose_seconds()})["t"]
     run = median_of(repeats, lambda: cli_run(1, "offline", threads))
     quiet = median_of(repeats, lambda: cli_run(1, "disabled", threads))
