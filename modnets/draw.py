@@ -392,7 +392,7 @@ def render(s: Scene, path, dpi: int = DPI) -> Path:
     big = Image.new("RGB", (size[0] * SUPERSAMPLE, size[1] * SUPERSAMPLE), "white")
     at = lambda x, y, scale=1: ((x - left) * COL_IN * dpi * scale, (top - y) * ROW_IN * dpi * scale)  # data -> pixels
     draw_shapes(ImageDraw.Draw(big), s, lambda x, y: at(x, y, SUPERSAMPLE), pt * SUPERSAMPLE)
-    image = big.resize(size, Image.Resampling.BOX)
+    image = big.reduce(SUPERSAMPLE)  # a box filter over SUPERSAMPLE² pixels (3x faster than resize with BOX)
     draw_texts(ImageDraw.Draw(image), s, at, pt)  # at full size: crisp hinted text
     path = Path(path)
     image.quantize(64, method=Image.Quantize.FASTOCTREE).save(path)  # 64 colours: a third of the bytes, less time

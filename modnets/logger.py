@@ -1,10 +1,12 @@
 """Weights & Biases logging: one W&B run per replicate, offline by default.
 
-W&B runs in a worker process (`python -m modnets.logger`) that the first `start()` launches:
-importing wandb and starting runs costs about a second of CPU, which the worker spends on the
-other core while this process imports torch and trains. `log`, `log_rows` and `finish` only
-queue a line for it; `settle()` waits until it has finished the runs finished so far (and keeps
-it for more), `close()` until it has finished every run and ended. Run ids are chosen here, so
+W&B runs in a worker process (`python -m modnets.logger`). The `modnets-train` command starts it
+first thing (`prelaunch`, before torch is imported) when its command line looks like one run with
+W&B on; otherwise the first `start()` launches it. Importing wandb and starting W&B's service cost
+about a second of CPU, which the worker spends on the other core while this process imports torch
+and trains. `log`, `log_rows` and `finish` only queue a line for it; `settle()` waits until it
+has finished the runs finished so far (and keeps it for more), `close()` until it has finished
+every run and ended. Run ids are chosen here, so
 the results file names its W&B run without asking the worker. History rows travel in chunks
 (`log_rows`), which the worker hands to W&B's service in one go rather than one `log` call a row.
 
@@ -22,6 +24,7 @@ import base64
 import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import subprocess
@@ -34,6 +37,55 @@ MODES = ("offline", "online", "disabled")
 MIN_FREE_BYTES = 16 * 1024**2  # W&B is not started in a folder with less free space than this
 ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"  # W&B's own run-id alphabet
 PYTHONPATH = os.pathsep.join([str(Path(__file__).resolve().parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+PRELAUNCHED: list[subprocess.Popen] = []  # the worker `prelaunch` started, until a logger adopts it
+# flags of a command line that is no single run, or not one to start W&B for
+SWEEP_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info", "-c", "--cfg", "-p", "--package",
+               "--shell-completion", "-sc", "--version", "--resolve", "--experimental-rerun")
+
+
+def _popen() -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "modnets.logger"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": PYTHONPATH},
+    )
+
+
+def single_run_with_wandb(argv: list[str], conf_dir: Path) -> bool:
+    """Whether a `modnets-train` command line (its arguments, not composed: Hydra is not imported
+    yet) looks like one run with W&B on: no multirun or information flag, no `logger` override
+    that says `disabled`, and no `experiment=` preset that turns W&B off or sweeps. A guess that
+    only decides when the worker starts: a wrong one costs an early start or a later one."""
+    for arg in argv:
+        if arg.split("=")[0] in SWEEP_FLAGS or arg.startswith("hydra.mode") or ("logger" in arg and "disabled" in arg):
+            return False
+        if arg.startswith(("experiment=", "+experiment=")):
+            try:
+                text = (conf_dir / "experiment" / f"{arg.split('=', 1)[1]}.yaml").read_text()
+            except (OSError, ValueError):
+                continue
+            if re.search(r"^\s*mode:\s*(disabled|MULTIRUN)\b", text, re.M):
+                return False
+    return True
+
+
+def prelaunch(argv: list[str], conf_dir: Path) -> None:
+    """Start the worker now (before torch's import, which it overlaps) when the command line looks
+    like one run with W&B on; the run's logger adopts it (`WandbLogger.launch`), else `discard`."""
+    if not PRELAUNCHED and single_run_with_wandb(argv, conf_dir):
+        try:
+            PRELAUNCHED.append(_popen())
+        except OSError:
+            pass  # the logger tries again, and warns
+
+
+def discard() -> None:
+    """End a prelaunched worker that no logger adopted (W&B off, a config error): it holds no run."""
+    while PRELAUNCHED:
+        worker = PRELAUNCHED.pop()
+        worker.kill()
+        worker.wait()
 
 
 def free_bytes(directory: str) -> int | None:
@@ -162,15 +214,13 @@ class WandbLogger:
         return run
 
     def launch(self) -> bool:
-        """Start the worker process (it imports wandb at once) and the thread that feeds it, so
-        that logging never waits; `start` does it when not done before. False when W&B is off."""
+        """Start the worker process (it imports wandb and starts W&B's service at once), or adopt
+        the one `prelaunch` started, and the thread that feeds it, so that logging never waits;
+        `start` does it when not done before. False when W&B is off."""
         if self.mode == "disabled" or self._worker is not None:
             return self._worker is not None
         try:
-            self._worker = subprocess.Popen(
-                [sys.executable, "-m", "modnets.logger"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": PYTHONPATH},
-            )
+            self._worker = PRELAUNCHED.pop() if PRELAUNCHED else _popen()
         except OSError as e:
             self._warn(f"W&B failed (could not start its worker: {e})")
             self.mode = "disabled"
@@ -247,6 +297,7 @@ def _serve() -> None:
     runs, started, warning = {}, [], None
     try:
         wandb = _import_wandb()
+        wandb.setup()  # W&B's service starts now, before the first run's config arrives
     except Exception as e:
         wandb, warning = None, f"W&B failed ({type(e).__name__}: {e})"
     spool = Path(tempfile.mkdtemp(prefix="modnets-wandb-"))
@@ -278,6 +329,11 @@ def _serve() -> None:
         except Exception as e:
             warning = warning or f"W&B failed ({type(e).__name__}: {e})"
     shutil.rmtree(spool, ignore_errors=True)
+    if wandb is not None:
+        try:
+            wandb.teardown()  # W&B's service ends (every run is finished and its files complete)
+        except Exception as e:
+            warning = warning or f"W&B failed ({type(e).__name__}: {e})"
     print(json.dumps({"started": started, "warning": warning}), flush=True)
 
 
@@ -408,3 +464,4 @@ def _init(wandb, kwargs: dict, timeouts: dict):
 
 if __name__ == "__main__":
     _serve()
+    os._exit(0)  # all done and reported: skip the interpreter's teardown of wandb's modules (0.1 s)

@@ -49,9 +49,16 @@ class HandStep:
         self.routers = [Selector(r) for r in routers]
         self.banks = [Bank(b) for b in banks]
         self.output_router = Selector(output_router) if output_router is not None else None
+        self.lanes: dict[int, bool] = {}  # batch size -> whether `lane_step` may run it
 
     @torch.no_grad()  # the functions below run inside it: they record no graph
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        R, B = x.shape[:2]
+        if self.output_router is not None and R >= LANES and x.device.type == "cpu":
+            if B not in self.lanes:
+                self.lanes[B] = lanes_fit(self, B)
+            if self.lanes[B]:
+                return lane_step(self, x, y)
         saved = []
         if self.output_router is None:  # MLP: one bank of one module on the flattened input
             h, bank_saved = bank_forward(self.banks[0], x.flatten(2).unsqueeze(2))
@@ -169,3 +176,123 @@ def bank_backward(bank: Bank, saved: tuple, grad: torch.Tensor, need_input: bool
         if i > 0 or need_input:
             grad = g.bmm(w.reshape(R * n, *w.shape[2:]).transpose(1, 2)).view(R, n, B, -1).transpose(1, 2)
     return grad if need_input else None
+
+
+# Replicates as lanes. With many replicates each bmm above multiplies thousands of tiny matrices
+# (8 x 2 by 2 x 12), one at a time, and the elementwise ops between them run on rows of 12 or
+# fewer contiguous floats. `LaneStep` runs the same step with the replicate dimension last and
+# contiguous: every matrix product becomes a few elementwise multiply-adds over all replicates
+# at once. It is bit for bit the bmm path because torch's CPU bmm multiplies matrices whose
+# rows x inner x columns is under `SMALL_BMM` with a plain loop, each entry `0 + a0*b0 + a1*b1
+# + ...` in order with separate roundings, which `dot` repeats; the sums over the batch (bias
+# gradients, the straight-through sum over k) and the loss run in the old layout, on copies.
+SMALL_BMM = 400  # torch's bound (aten bmm_out_or_baddbmm_) for its plain-loop small-matrix kernel
+LANES = 64  # replicates from which the lane layout is faster
+
+
+def to_lanes(t: torch.Tensor) -> torch.Tensor:
+    """[R, ...] -> [..., R], contiguous."""
+    R = t.shape[0]
+    return t.reshape(R, -1).t().contiguous().view(*t.shape[1:], R)
+
+
+def from_lanes(t: torch.Tensor) -> torch.Tensor:
+    """[..., R] -> [R, ...], a view."""
+    return t.movedim(-1, 0)
+
+
+def dot(pairs) -> torch.Tensor:
+    """sum of a * b over the pairs, as bmm's small-matrix loop adds them: from +0, in order,
+    each product and sum rounded alone (no fused multiply-add)."""
+    acc = product = None
+    for a, b in pairs:
+        if acc is None:
+            acc = torch.mul(a, b)
+            product = torch.empty_like(acc)  # reused: a fresh tensor per product costs more than the product
+        else:
+            acc.add_(torch.mul(a, b, out=product))
+    return acc.add_(0.0)  # 0 + a0*b0 + ... differs from a0*b0 + ... only in giving +0 for -0
+
+
+def lanes_fit(step: HandStep, batch: int) -> bool:
+    """Whether every matrix product of a step at this batch size is one of bmm's small ones."""
+    sizes = [s.logits.shape[2] * s.k * s.logits.shape[3] for s in [*step.routers, step.output_router]]
+    sizes += [w.shape[2] * w.shape[3] for bank in step.banks for w in bank.weights]
+    return max(sizes) * batch < SMALL_BMM
+
+
+def lane_step(step: HandStep, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`HandStep.__call__` of a ModularNet in the lane layout (the same losses and gradients)."""
+    h, saved = to_lanes(x), []
+    for router, bank in zip(step.routers, step.banks):
+        picked, router_saved = lane_select_forward(router, h)
+        out, bank_saved = lane_bank_forward(bank, picked.transpose(1, 2))  # [B, n, k, R] -> [B, n, 1, R]
+        h = out[:, :, 0]
+        saved.append((router_saved, bank_saved))
+    picked, out_saved = lane_select_forward(step.output_router, h)
+    logits = from_lanes(picked[:, :, 0]).contiguous()  # [R, B, outputs], laid out as on the bmm path
+    per_output = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    losses = per_output.mean((1, 2))
+    n = per_output.shape[1] * per_output.shape[2]
+    grad = losses.new_ones(()).expand(losses.shape)[:, None, None].expand(per_output.shape) / n
+    grad = to_lanes(torch.sigmoid(logits).sub_(y).mul_(grad))  # [B, outputs, R]
+    grad = lane_select_backward(step.output_router, out_saved, grad.unsqueeze(2), need_input=True)
+    for i in reversed(range(len(saved))):
+        router_saved, bank_saved = saved[i]
+        grad = lane_bank_backward(step.banks[i], bank_saved, grad.unsqueeze(2))  # [B, n, k, R]
+        grad = lane_select_backward(step.routers[i], router_saved, grad.transpose(1, 2), need_input=i > 0)
+    return losses
+
+
+def lane_select_forward(router: Selector, h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """`select_forward` on h [B, width, R]: the picked inputs [B, k, consumers, R]."""
+    logits = router.logits
+    mask = to_lanes(topk_mask(logits, router.k)[:, 0])  # [width, k, consumers, R]
+    out = dot((h[:, w, None, None], mask[w]) for w in range(mask.shape[0]))
+    s = torch.sigmoid(logits / router.tau if router.tau != 1 else logits) if logits.requires_grad else None
+    return out, (h, mask, s)
+
+
+def lane_select_backward(router: Selector, saved: tuple, grad: torch.Tensor, need_input: bool) -> torch.Tensor | None:
+    """`select_backward` from grad [B, k, consumers, R]; the input's gradient [B, width, R]."""
+    h, mask, s = saved
+    W, k, n, R = mask.shape
+    if s is not None:
+        grad_mask = dot((h[b, :, None, None], grad[b]) for b in range(h.shape[0]))  # [W, k, n, R]
+        grad_mask = from_lanes(grad_mask).contiguous().view(R, 1, W, k, n).sum(3)
+        grad_logits = torch.ops.aten.sigmoid_backward(grad_mask, s)
+        accumulate(router.logits, grad_logits / router.tau if router.tau != 1 else grad_logits)
+    if not need_input:
+        return None
+    return dot((grad[:, j, c, None], mask[:, j, c]) for j in range(k) for c in range(n))
+
+
+def lane_bank_forward(bank: Bank, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """`bank_forward` on x [B, n, in, R]: the outputs [B, n, out, R], inputs and activations kept."""
+    inputs, activations, weights = [], [], []
+    last = len(bank.weights) - 1
+    for i, (w, b) in enumerate(zip(bank.weights, bank.biases)):
+        w = to_lanes(w)  # [n, in, out, R]
+        inputs.append(x)
+        weights.append(w)
+        x = dot((x[:, :, j, None], w[:, j]) for j in range(w.shape[1])).add_(to_lanes(b))
+        if i < last:
+            x = x.relu_()
+            activations.append(x)
+    return x, (inputs, activations, weights)
+
+
+def lane_bank_backward(bank: Bank, saved: tuple, grad: torch.Tensor) -> torch.Tensor:
+    """`bank_backward` from grad [B, n, out, R]; the input's gradient [B, n, in, R]."""
+    inputs, activations, weights = saved
+    for i in reversed(range(len(weights))):
+        w, x = weights[i], inputs[i]
+        if i < len(activations):
+            grad = torch.ops.aten.threshold_backward(grad, activations[i], 0)
+            old = grad.permute(3, 1, 0, 2).contiguous().transpose(1, 2)  # the bmm path's layout [R, B, n, out]
+        else:
+            old = from_lanes(grad).contiguous()
+        accumulate(bank.biases[i], old.sum(1))
+        accumulate(bank.weights[i], from_lanes(dot((x[b, :, :, None], grad[b, :, None]) for b in range(x.shape[0]))))
+        grad = dot((grad[:, :, o, None], w[:, :, o]) for o in range(w.shape[2]))
+    return grad

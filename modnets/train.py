@@ -8,9 +8,15 @@ writes its own `results.json` and its own W&B run.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # `python -m modnets.train` is the `modnets-train` command, which imports this module itself
+    from modnets import cli
+
+    cli()  # never returns: W&B's worker starts before the imports below (modnets.cli)
+
 import math
 import os
-import sys
 import time
 from itertools import chain
 from pathlib import Path
@@ -64,6 +70,7 @@ from modnets.step import hand_step
 from modnets.tasks import Task
 
 METRICS = ("loss", "acc", "exact")
+RUNS: list[bool] = []  # per call of `main` in this process: was it a sweep job (modnets.cli ends single runs fast)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -663,6 +670,7 @@ def failed(cfg: DictConfig, e: Exception) -> None:
 @one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError
 @hydra.main(version_base="1.3", config_path=str(modnets.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    RUNS.append(in_sweep())
     try:
         results = run(cfg)
     except Exception as e:
@@ -673,10 +681,3 @@ def main(cfg: DictConfig) -> float | None:
     finals = [r["final"]["heldout_acc"] for r in results if r.get("final")]  # diverged runs may have none
     return sum(finals) / len(finals) if finals else float("nan")
 
-
-if __name__ == "__main__":
-    # The module's own main, not this __main__ copy: parallel launchers (joblib, submitit)
-    # pickle the task function, which works by reference only for an importable one.
-    from modnets.train import main as module_main
-
-    module_main()

@@ -6,6 +6,7 @@
     python scripts/bench.py --targets                # the interactive-speed targets beside the measurements
     python scripts/bench.py --startup                # where one `modnets-train experiment=modular` spends its time
     python scripts/bench.py --step                   # ms per training step: by hand, through autograd, optimizer, evaluation
+    python scripts/bench.py --sync-check --device cuda   # host synchronisations per epoch of CUDA training
 
 "train" is the training loop of one process (forward, backward, optimizer, evaluation of
 every split every epoch as the presets do), timed by `results.json`'s `train_time_s`.
@@ -141,6 +142,7 @@ def python_wall(code: str) -> float:
     return time.perf_counter() - start
 
 
+IMPORT = "import os, modnets.train; os._exit(0)"  # without the interpreter's teardown, as modnets-train ends
 COMPOSE = """import time, modnets.train, scripts.bench as b
 start = time.perf_counter(); b.compose("experiment=modular"); print(time.perf_counter() - start)"""
 
@@ -165,7 +167,7 @@ def startup(repeats: int, threads: int | None) -> dict[str, float]:
     """Seconds of each part of one end-to-end run (W&B offline), medians of `repeats`; and what
     W&B adds end to end (the same run with W&B disabled)."""
     bare = median_of(repeats, lambda: {"t": python_wall("pass")})["t"]
-    imported = median_of(repeats, lambda: {"t": python_wall("import modnets.train")})["t"]
+    imported = median_of(repeats, lambda: {"t": python_wall(IMPORT)})["t"]
     composing = median_of(repeats, lambda: {"t": compose_seconds()})["t"]
     run = median_of(repeats, lambda: cli_run(1, "offline", threads))
     quiet = median_of(repeats, lambda: cli_run(1, "disabled", threads))
@@ -189,19 +191,21 @@ def startup(repeats: int, threads: int | None) -> dict[str, float]:
     return parts | {"end to end": run["wall"], "W&B adds": extra}
 
 
-def step_costs(preset: str, replicates: int, threads: int | None, repeats: int) -> dict[str, float]:
+def step_costs(preset: str, replicates: int, threads: int | None, repeats: int, device: str = "cpu") -> dict[str, float]:
     """Milliseconds per training step of one preset in this process (best of `repeats` rounds of 300
     steps on one minibatch): forward and gradients by hand (modnets.step) and through autograd, the
-    optimizer step, and one evaluation of every split (the presets evaluate every epoch)."""
+    optimizer step, one evaluation of every split (the presets evaluate every epoch), and one
+    epoch's host-side random draws (each replicate's minibatch order from its own generator). On
+    CUDA every round ends with a synchronize, so the times include the kernels."""
     import torch
     import torch.nn.functional as F
 
     from modnets.step import hand_step
-    from modnets.train import Evaluator, build
+    from modnets.train import Evaluator, build, draw_epoch
 
     with tempfile.TemporaryDirectory() as out:
         cfg = compose(f"experiment={preset}", f"trainer.replicates={replicates}", f"trainer.threads={threads or 'null'}",
-                      "trainer.device=cpu", "logger.mode=disabled", f"output_dir={out}")
+                      f"trainer.device={device}", "logger.mode=disabled", f"output_dir={out}")
         b = build(cfg)
     task, model, optimizer = b.task, b.model, b.optimizer
     hand, evaluator = hand_step(model, getattr(model, "routing", None)), Evaluator(task, int(cfg.trainer.eval_batch_size))
@@ -218,7 +222,10 @@ def step_costs(preset: str, replicates: int, threads: int | None, repeats: int) 
         hand(x, y)
 
     parts = {"forward + gradients, through autograd": autograd, "forward + gradients, by hand (modnets.step)": by_hand,
-             "optimizer step": optimizer.step, "evaluation of every split (once per epoch)": lambda: evaluator(model, replicates)}
+             "optimizer step": optimizer.step, "evaluation of every split (once per epoch)": lambda: evaluator(model, replicates),
+             "random draws of one epoch (host, per replicate)": lambda: draw_epoch(
+                 b.generators, len(task.splits["train"]), task.x.shape[1:], 0.0, {}, 1, False, task.x.device)}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     ms = {}
     for name, fn in parts.items():
         if name.endswith("(modnets.step)") and hand is None:
@@ -226,15 +233,53 @@ def step_costs(preset: str, replicates: int, threads: int | None, repeats: int) 
         rounds = []
         for _ in range(repeats):
             fn()
+            sync()
             start = time.perf_counter()
             for _ in range(300):
                 fn()
+            sync()
             rounds.append((time.perf_counter() - start) / 300 * 1e3)
         ms[name] = min(rounds)
-    print(f"{preset}, R={replicates}, torch threads {torch.get_num_threads()}: ms per call, best of {repeats} x 300")
+    print(f"{preset}, R={replicates}, {device}, torch threads {torch.get_num_threads()}: ms per call, best of {repeats} x 300")
     for name, t in ms.items():
         print(f"  {name:<52} {t:>7.3f} ms")
     return ms
+
+
+def sync_check(preset: str, replicates: int, epochs: tuple[int, int] = (20, 60)) -> dict:
+    """Host synchronisations of CUDA training: torch's sync debug mode warns at every synchronising
+    call. Two runs of `epochs[0]` and `epochs[1]` epochs; the difference of their counts, per epoch, is
+    what training itself syncs: building and results sync once per run, and recovery about ten
+    times per run, in both runs alike."""
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    from modnets.train import run
+
+    counts, places = [], Counter()
+    for n in (epochs[0], *epochs):  # the first run warms CUDA up (kernels, handles) and is not counted
+        with tempfile.TemporaryDirectory() as out:
+            cfg = compose(f"experiment={preset}", f"trainer.replicates={replicates}", "trainer.device=cuda",
+                          f"trainer.epochs={n}", "trainer.progress=false", "logger.mode=disabled", f"output_dir={out}")
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run(cfg)
+            torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        counts.append(len(syncs))
+        if n == epochs[1]:
+            places = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    steps = math.ceil(51 / int(cfg.trainer.batch_size))  # 51 training rows at fraction 0.8
+    per_epoch = (counts[2] - counts[1]) / (epochs[1] - epochs[0])
+    print(f"{preset}, R={replicates}: {counts[1]} syncs in {epochs[0]} epochs, {counts[2]} in {epochs[1]}:"
+          f" {per_epoch:.2f} per epoch ({steps} steps per epoch)")
+    for place, n in places.most_common(6):
+        print(f"  {n:>5}  {place}")
+    return {"preset": preset, "replicates": replicates, "syncs_per_epoch": per_epoch, "steps_per_epoch": steps,
+            "places": dict(places.most_common(10))}
 
 
 def targets(repeats: int, threads: int | None) -> list[dict]:
@@ -272,15 +317,24 @@ def main() -> None:
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--targets", action="store_true", help="only the interactive-speed targets, beside the measurements")
     parser.add_argument("--startup", action="store_true", help="only the breakdown of one end-to-end run")
-    parser.add_argument("--step", action="store_true", help="only ms per training step of --cases at the first --replicates")
+    parser.add_argument("--step", action="store_true", help="only ms per training step of --cases at --replicates")
+    parser.add_argument("--sync-check", action="store_true", help="only host syncs per epoch of CUDA training of --cases")
     args = parser.parse_args()
 
     import torch
 
     if args.step:
-        steps = {case: step_costs(CASES[case][0], args.replicates[0], args.threads, max(3, args.repeats)) for case in args.cases}
+        steps = {
+            f"{case} R={R}": step_costs(CASES[case][0], R, args.threads, max(3, args.repeats), args.device)
+            for case in args.cases for R in args.replicates
+        }
         if args.out:
             Path(args.out).write_text(json.dumps({"torch": torch.__version__, "step_ms": steps}, indent=1))
+        return
+    if args.sync_check:
+        checks = [sync_check(CASES[case][0], args.replicates[0]) for case in args.cases]
+        if args.out:
+            Path(args.out).write_text(json.dumps({"torch": torch.__version__, "sync_check": checks}, indent=1))
         return
     if args.targets or args.startup:
         load = os.getloadavg()[0]

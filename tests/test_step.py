@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import modnets.train
-from modnets.step import hand_step
+from modnets.step import LANES, SMALL_BMM, dot, from_lanes, hand_step, to_lanes
 from modnets.train import Evaluator, build, fit
 
 COVERED = [
@@ -27,7 +27,7 @@ def autograd_step(model, x, task_id, y):
 
 
 @pytest.mark.parametrize("overrides", COVERED)
-@pytest.mark.parametrize("replicates", [1, 3])
+@pytest.mark.parametrize("replicates", [1, 3, LANES])  # LANES: modnets.step.lane_step where the shapes allow
 def test_hand_step_equals_autograd_bit_for_bit(cfg_in, overrides, replicates):
     b = build(cfg_in(*overrides, f"trainer.replicates={replicates}", "trainer.device=cpu"))
     model, task = b.model, b.task
@@ -47,6 +47,41 @@ def test_hand_step_equals_autograd_bit_for_bit(cfg_in, overrides, replicates):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("shape", [(8, 2, 12), (8, 12, 1), (8, 6, 6), (2, 8, 12), (12, 8, 1), (3, 8, 4), (8, 1, 12), (16, 24, 1)])
+def test_dot_in_lanes_is_small_bmm_bit_for_bit(shape):
+    """lane_step's premise: torch's bmm on matrices under SMALL_BMM entries x inner sums in order."""
+    rows, inner, cols = shape
+    assert rows * inner * cols < SMALL_BMM
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, rows, inner, generator=g), torch.randn(300, inner, cols, generator=g)
+    a[a.abs() < 0.3] = 0.0  # zeros: products of either sign, sums that cancel
+    a[:, 0] *= 1e4
+    la, lb = to_lanes(a), to_lanes(b)  # [rows, inner, 300], [inner, cols, 300]
+    lanes = from_lanes(dot((la[:, k, None], lb[k]) for k in range(inner)))
+    assert torch.equal(torch.bmm(a, b).view(torch.int32), lanes.contiguous().view(torch.int32))  # signs of zero too
+
+
+def test_lane_step_runs_at_many_replicates(cfg_in):
+    b = build(cfg_in("experiment=modular", f"trainer.replicates={LANES}", "trainer.device=cpu"))
+    hand = hand_step(b.model, b.model.routing)
+    rows = b.task.splits["train"][:8].expand(LANES, -1)
+    b.optimizer.zero_grad()
+    hand(b.task.x[rows], b.task.y[rows])
+    assert hand.lanes == {8: True}  # every product of a batch-8 step is a small bmm
+    assert all(p.grad.abs().sum() > 0 for p in b.model.parameters())
+
+
+@pytest.mark.parametrize("overrides", [["experiment=modular"], ["experiment=modular_known"], ["experiment=mlp"]])
+def test_evaluation_forward_equals_the_training_forward(cfg_in, overrides):
+    """`ModuleBank.evaluate` (no autograd, another layout) gives the numbers of `forward`."""
+    b = build(cfg_in(*overrides, "trainer.replicates=3", "trainer.device=cpu"))
+    x, task_id = b.task.x.expand(3, -1, -1), b.task.task_id.expand(3, -1)
+    b.model.eval()
+    with torch.no_grad():
+        evaluated = b.model(x, task_id)
+    assert torch.equal(b.model(x, task_id).detach(), evaluated)
 
 
 def test_hand_step_gradients_reach_router_logits(cfg_in):
@@ -76,15 +111,17 @@ def test_hand_step_leaves_other_models_to_autograd(cfg_in, overrides):
     assert hand_step(b.model, getattr(b.model, "routing", None)) is None
 
 
-@pytest.mark.parametrize("overrides", [["experiment=modular"], ["experiment=mlp"]])
-def test_training_by_hand_equals_training_through_autograd(cfg_in, monkeypatch, overrides):
+@pytest.mark.parametrize(
+    "overrides, replicates", [(["experiment=modular"], 2), (["experiment=mlp"], 2), (["experiment=modular"], LANES)]
+)
+def test_training_by_hand_equals_training_through_autograd(cfg_in, monkeypatch, overrides, replicates):
     def train(cfg):
         b = build(cfg)
         history = []
         fit(cfg, b.task, b.model, b.optimizer, b.scheduler, b.generators, Evaluator(b.task, 64), lambda e, m: history.append(m))
         return torch.stack(history), list(b.model.parameters())
 
-    cfg = cfg_in(*overrides, "trainer.epochs=5", "trainer.replicates=2", "task.noise=0.05", "trainer.device=cpu")
+    cfg = cfg_in(*overrides, "trainer.epochs=5", f"trainer.replicates={replicates}", "task.noise=0.05", "trainer.device=cpu")
     by_hand, params = train(cfg)
     monkeypatch.setattr(modnets.train, "hand_step", lambda model, method: None)
     through_autograd, autograd_params = train(cfg)
