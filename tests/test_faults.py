@@ -5,6 +5,7 @@ warnings for absurd sizes. One test (or more) per defect, in the issue's order."
 import csv
 import errno
 import gzip
+import hashlib
 import importlib.util
 import io
 import json
@@ -25,6 +26,7 @@ from test_digits import write_idx
 import modnets.results
 import modnets.train
 from modnets.digits import MNIST_FILES
+from modnets.results import problem
 from modnets.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -428,3 +430,49 @@ def test_a_second_process_on_the_same_run_folder_stops_with_one_line(tmp_path, c
         "wait for it to end or choose another output folder"
     )
     assert not (folder / "results.json").exists()
+
+
+# ------------------------------------------------------------------- results formats 1 and 2
+
+
+def format_1(result: dict) -> dict:
+    """A results dict sealed as modnets wrote it before format 2: sha256 of the sorted-key encoding."""
+    body = {k: v for k, v in result.items() if k != "checksum"} | {"format": "modnets-results-1"}
+    return body | {"checksum": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
+
+
+def test_a_results_file_is_encoded_once_and_its_checksum_is_that_of_the_written_bytes(tmp_path):
+    path = tmp_path / "results.json"
+    written = modnets.results.write_json(path, result_of(0, 0.5) | {"circuits": ({"op": "AND"}, {"op": "OR"})})
+    text = path.read_text()
+    body, tail = text.rsplit(',\n "checksum": ', 1)
+    assert hashlib.sha256((body + "\n}\n").encode()).hexdigest() == json.loads(tail[:-3]) == written["checksum"]
+    loaded = json.loads(text)
+    assert loaded["format"] == "modnets-results-2" and list(loaded)[-1] == "checksum" and problem(loaded) is None
+    assert problem(json.loads(json.dumps(loaded, indent=3))) is None  # the layout on disk does not matter, the content does
+
+
+@pytest.mark.parametrize("seal_as", [format_1, seal], ids=["format-1", "format-2"])
+def test_results_files_of_both_formats_are_read_and_an_edit_to_either_is_caught(tmp_path, seal_as):
+    sealed = json.loads(json.dumps(seal_as(result_of(0, 0.5))))
+    assert problem(sealed) is None
+    edits = {
+        "value": sealed | {"final": {"epoch": 2, "heldout_acc": 0.9}},
+        "nested": sealed | {"history": [sealed["history"][0], {"epoch": 2, "heldout_acc": 0.25}]},
+        "added key": sealed | {"note": "x"},
+        "other format's rule": sealed | {"format": "modnets-results-2" if seal_as is format_1 else "modnets-results-1"},
+    }
+    for name, edited in edits.items():
+        assert problem(edited) == "corrupted or edited: its content does not match its checksum", name
+    assert "results format 'modnets-results-9'" in problem(sealed | {"format": "modnets-results-9"})
+
+
+def test_a_format_1_results_file_counts_as_finished_and_its_job_is_skipped(cfg_in, tmp_path, capsys):
+    cfg = cfg_in("trainer.epochs=2", *QUIET)
+    first = run(cfg)[0]
+    path = tmp_path / "run" / "results.json"
+    path.write_text(json.dumps(format_1(json.loads(path.read_text()))))
+    capsys.readouterr()
+    again = run(cfg)[0]
+    assert "skipped" in capsys.readouterr().out and again["format"] == "modnets-results-1"
+    assert again["history"] == first["history"]

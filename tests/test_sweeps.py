@@ -268,16 +268,20 @@ def test_a_requeue_signal_ends_the_epoch_writes_a_checkpoint_and_the_requeued_ru
     assert resumed["history"] == reference["history"] and len(reference["history"]) == 6
 
 
-def test_many_results_files_written_at_once_are_each_whole_and_sealed_and_a_failure_is_its_own(tmp_path):
-    from modnets.results import problem, write_jsons
+@pytest.mark.parametrize("n", [40, 70])  # 70: a forked copy of the process writes the second half
+def test_many_results_files_written_at_once_are_each_whole_and_sealed_and_a_failure_is_its_own(tmp_path, n):
+    from modnets.results import FORK_FROM, problem, write_jsons
 
+    assert (n >= FORK_FROM) == (n == 70)
     (tmp_path / "blocked").write_text("a file where a folder must be")
-    paths = [tmp_path / f"seed_{s}" / "results.json" for s in range(40)]
-    paths[7] = tmp_path / "blocked" / "results.json"
-    data = [{"seed": s, "history": [{"epoch": e, "acc": e / 10} for e in range(50)]} for s in range(40)]
+    paths = [tmp_path / f"seed_{s}" / "results.json" for s in range(n)]
+    blocked = {7, n - 3}
+    for s in blocked:
+        paths[s] = tmp_path / "blocked" / f"{s}" / "results.json"
+    data = [{"seed": s, "history": [{"epoch": e, "acc": e / 10} for e in range(50)]} for s in range(n)]
     written = write_jsons(paths, data)
-    assert isinstance(written[7], OSError) and not list(tmp_path.rglob("*.tmp"))
+    assert all(isinstance(written[s], OSError) and written[s].filename for s in blocked) and not list(tmp_path.rglob("*.tmp"))
     for s, (path, result) in enumerate(zip(paths, written)):
-        if s != 7:
+        if s not in blocked:
             on_disk = json.loads(path.read_text())
             assert on_disk == result and problem(on_disk) is None and on_disk["seed"] == s and len(on_disk["history"]) == 50
