@@ -14,7 +14,8 @@ QUIET = ["debug=quiet"]  # conf/debug/quiet.yaml: no W&B, no progress lines, one
 
 
 def main_in_process(*argv: str) -> int:
-    """`modnets-train ARGV` in this process (the console script's own entry point): its exit code."""
+    """`modnets-train ARGV` in this process through `modnets.train.main` (the console script, `modnets.cli`,
+    adds the early W&B worker and `os._exit`, which would end the test process): its exit code."""
     from modnets.train import main
 
     saved = sys.argv
