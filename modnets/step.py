@@ -72,12 +72,7 @@ class HandStep:
                 saved.append((router_saved, bank_saved))
             picked, out_saved = select_forward(self.output_router, h)
             logits = picked[:, :, 0]
-        per_output = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-        losses = per_output.mean((1, 2))
-        # backward of losses.sum(): SumBackward, MeanBackward, BCE-with-logits backward
-        n = per_output.shape[1] * per_output.shape[2]
-        grad = losses.new_ones(()).expand(losses.shape)[:, None, None].expand(per_output.shape) / n
-        grad = torch.sigmoid(logits).sub_(y).mul_(grad)  # autograd's binary_cross_entropy_with_logits_backward
+        losses, grad = loss_and_grad(logits, y)
         if self.output_router is None:
             bank_backward(self.banks[0], bank_saved, grad.unsqueeze(2), need_input=False)
             return losses
@@ -87,6 +82,17 @@ class HandStep:
             grad = bank_backward(self.banks[i], bank_saved, grad.unsqueeze(-1), need_input=True)
             grad = select_backward(self.routers[i], router_saved, grad, need_input=i > 0)
         return losses
+
+
+def loss_and_grad(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each replicate's mean BCE loss of logits [R, B, outputs], and the gradient of their sum with
+    respect to the logits, as autograd computes it (SumBackward, MeanBackward, then
+    binary_cross_entropy_with_logits_backward)."""
+    per_output = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    losses = per_output.mean((1, 2))
+    n = per_output.shape[1] * per_output.shape[2]
+    grad = losses.new_ones(()).expand(losses.shape)[:, None, None].expand(per_output.shape) / n
+    return losses, torch.sigmoid(logits).sub_(y).mul_(grad)
 
 
 class Selector:
@@ -231,11 +237,8 @@ def lane_step(step: HandStep, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         saved.append((router_saved, bank_saved))
     picked, out_saved = lane_select_forward(step.output_router, h)
     logits = from_lanes(picked[:, :, 0]).contiguous()  # [R, B, outputs], laid out as on the bmm path
-    per_output = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-    losses = per_output.mean((1, 2))
-    n = per_output.shape[1] * per_output.shape[2]
-    grad = losses.new_ones(()).expand(losses.shape)[:, None, None].expand(per_output.shape) / n
-    grad = to_lanes(torch.sigmoid(logits).sub_(y).mul_(grad))  # [B, outputs, R]
+    losses, grad = loss_and_grad(logits, y)
+    grad = to_lanes(grad)  # [B, outputs, R]
     grad = lane_select_backward(step.output_router, out_saved, grad.unsqueeze(2), need_input=True)
     for i in reversed(range(len(saved))):
         router_saved, bank_saved = saved[i]
