@@ -105,9 +105,9 @@ TARGETS = [
 ]
 
 
-def cli_run(replicates: int, mode: str, threads: int | None, device: str = "cpu") -> dict:
-    """One end-to-end `python -m modnets.train experiment=modular`: wall seconds, CPU seconds (the
-    process and its children: the W&B worker and W&B's service) and its timings."""
+def cli_run(replicates: int, mode: str, threads: int | None, device: str = "cpu", tree: Path = ROOT) -> dict:
+    """One end-to-end `python -m modnets.train experiment=modular` in the checkout `tree`: wall
+    seconds, CPU seconds (the process and its children: the W&B worker and W&B's service) and its timings."""
     with tempfile.TemporaryDirectory() as out:
         cpu = cpu_seconds()
         start = time.perf_counter()
@@ -117,7 +117,7 @@ def cli_run(replicates: int, mode: str, threads: int | None, device: str = "cpu"
                 f"trainer.device={device}", f"trainer.threads={threads or 'null'}", "trainer.progress=false",
                 f"logger.mode={mode}", f"hydra.run.dir={out}",
             ],
-            check=True, cwd=ROOT, capture_output=True, env={**os.environ, "WANDB_SILENT": "true"},
+            check=True, cwd=tree, capture_output=True, env={**os.environ, "WANDB_SILENT": "true"},
         )
         wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         files = sorted(Path(out).rglob("results.json"))

@@ -12,30 +12,15 @@ the training time and the time inside the run (`results.json`'s `train_time_s`, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
 
-
-def one_run(tree: Path, replicates: int, mode: str) -> tuple[float, float, float]:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"WANDB_SILENT": "true"}
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "modnets.train", "experiment=modular", f"trainer.replicates={replicates}",
-             "trainer.progress=false", f"logger.mode={mode}", f"hydra.run.dir={out}"],
-            cwd=tree, check=True, capture_output=True, env=env,
-        )
-        wall = time.perf_counter() - start
-        result = json.loads(next(Path(out).rglob("results.json")).read_text())
-    return wall, result["train_time_s"], result["wall_time_s"]
+from bench import cli_run  # noqa: E402
 
 
 def main() -> None:
@@ -45,11 +30,13 @@ def main() -> None:
     parser.add_argument("--mode", default="offline", choices=["offline", "disabled"], help="logger.mode")
     parser.add_argument("--pairs", type=int, default=5)
     args = parser.parse_args()
+    os.environ.pop("OMP_NUM_THREADS", None)  # each version's own thread default
     trees = {"base": args.base.resolve(), "this": ROOT}
     runs = {name: [] for name in trees}
     for _ in range(args.pairs):
         for name, tree in trees.items():
-            runs[name].append(one_run(tree, args.replicates, args.mode))
+            r = cli_run(args.replicates, args.mode, threads=None, tree=tree)
+            runs[name].append((r["wall"], r["train"], r["inside"]))
     load = os.getloadavg()[0]
     print(f"experiment=modular, R={args.replicates}, W&B {args.mode}, medians of {args.pairs} pairs, load {load:.1f}")
     print(f"{'':<6} {'wall s':>8} {'training s':>11} {'inside run s':>13}")
