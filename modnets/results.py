@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -52,6 +53,19 @@ def git_commit() -> str | None:
 def best_entry(history: list[dict]) -> dict:
     """The evaluation with the highest validation accuracy (ties: lower validation loss, then earlier)."""
     return max(history, key=lambda h: (h.get("val_acc", 0.0), -h.get("val_loss", 0.0), -h["epoch"]))
+
+
+@contextlib.contextmanager
+def paused_gc():
+    """Python's cycle collector off while a run builds its results: millions of new long-lived
+    objects (histories, results files) that it would otherwise scan again and again for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def dumps(data: dict) -> str:
