@@ -14,12 +14,12 @@ aggregator lists it apart.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import hashlib
 import json
 import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import traceback
@@ -295,10 +295,10 @@ def replicate_config(cfg: DictConfig, r: int) -> dict:
 
 def replicate_configs(cfg: DictConfig, replicates) -> list[dict]:
     """replicate_config of each r in `replicates`, resolving the config once (1024 seeds: once, not 1024 times)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = pickle.dumps(OmegaConf.to_container(cfg, resolve=True))  # a copy per replicate: loads is 10x deepcopy's speed
     configs = []
     for r in replicates:
-        config = copy.deepcopy(resolved)
+        config = pickle.loads(resolved)
         config["seed"] = int(cfg.seed) + r
         config["trainer"]["replicates"] = 1
         if "select" in config["trainer"]:  # one replicate: nothing to select among
