@@ -74,7 +74,11 @@ def dumps(data: dict) -> str:
     lines = []
     for key, value in data.items():
         if isinstance(value, (list, tuple)) and value and all(isinstance(row, dict) for row in value):
-            body = "[\n  " + ",\n  ".join(json.dumps(row) for row in value) + "\n ]"
+            body = json.dumps(value)  # all rows in one call, then a line break between rows, unless some row
+            if body.count("}, {") == len(value) - 1:  # holds "}, {" itself (never a history): then row by row
+                body = "[\n  " + body[1:-1].replace("}, {", "},\n  {") + "\n ]"
+            else:
+                body = "[\n  " + ",\n  ".join(json.dumps(row) for row in value) + "\n ]"
         else:
             body = json.dumps(value)
         lines.append(f" {json.dumps(key)}: {body}")
