@@ -355,15 +355,23 @@ def sub_functions(model, task) -> list[float]:
     per_circuit = []
     for t, c in enumerate(task.circuits):
         rows = (task.task_id == t).nonzero().flatten()
-        truth = torch.from_numpy(gate_values(c, task.x[rows].round().cpu().numpy())).bool().to(outputs.device)
-        o = outputs[:, rows, :, None]  # [R, rows, M, 1]
-        ones, zeros = truth[None, :, None, :], ~truth[None, :, None, :]  # [1, rows, 1, G]
-        inf = torch.tensor(float("inf"), device=o.device)
-        hi1, lo1 = torch.where(ones, o, -inf).amax(1), torch.where(ones, o, inf).amin(1)  # [R, M, G]
-        hi0, lo0 = torch.where(zeros, o, -inf).amax(1), torch.where(zeros, o, inf).amin(1)
-        found = ((lo1 > hi0) | (hi1 < lo0)).any(1).float().mean(1)  # [R]: constant gates count as found
-        per_circuit.append(found)
+        truth = gate_values(c, task.x[rows].round().cpu().numpy()).astype(bool)  # [rows, G]
+        o = outputs[:, rows]  # [R, rows, M]
+        found = []
+        for bits in truth.T:  # per gate: is some module's output on its 1-rows all above (or below) its 0-rows?
+            lo1, hi1 = extremes(o, np.flatnonzero(bits))  # [R, M]
+            lo0, hi0 = extremes(o, np.flatnonzero(~bits))
+            found.append(((lo1 > hi0) | (hi1 < lo0)).any(1))  # [R]: constant gates count as found
+        per_circuit.append(torch.stack(found, 1).float().mean(1))
     return torch.stack(per_circuit).mean(0).cpu().tolist()
+
+
+def extremes(outputs: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over the given rows of outputs [R, rows, M]: [R, M] each (no rows: inf and -inf)."""
+    if len(rows) == 0:
+        inf = torch.full(outputs[:, 0].shape, float("inf"), device=outputs.device)
+        return inf, -inf
+    return torch.aminmax(outputs[:, torch.from_numpy(rows).to(outputs.device)], dim=1)
 
 
 def describe(model, task) -> dict:
