@@ -2,6 +2,7 @@
 whatever the rows hold (the checksum of format 2 is over exactly these bytes)."""
 
 import json
+import random
 
 from modnets.results import dumps, paused_gc
 
@@ -31,6 +32,28 @@ def test_rows_are_one_a_line_even_when_a_row_holds_the_row_separator():
     assert text == row_by_row(data)
     assert json.loads(text) == data
     assert text.count("\n  {") == 4 + 2 + 2 + 1  # every row of every list of rows starts its own line
+
+
+def test_tables_of_numbers_are_written_as_json_writes_each_row():
+    rng = random.Random(0)
+    special = [0.0, -0.0, 1.0, float("nan"), float("inf"), -float("inf"), 1 / 3, 0.1, 2.5e-300, 1e22]
+    def value(kind: str, few: list):
+        if kind == "int":
+            return rng.randint(-3, 10**20)
+        if kind == "few":
+            return rng.choice(few)
+        if kind == "many":
+            return rng.choice([rng.random(), *special])
+        return rng.choice([1, 1.0, True, None, 0.0, -0.0, "x", [1.5]])
+
+    for trial in range(300):
+        n_rows, n_keys = rng.randint(1, 40), rng.randint(1, 5)
+        few = [rng.choice(special) for _ in range(3)]  # repeated values, as accuracies are
+        kinds = [rng.choice(["int", "few", "many", "mixed"]) for _ in range(n_keys)]
+        columns = [[value(kind, few) for _ in range(n_rows)] for kind in kinds]
+        keys = [f"k{i}" for i in range(n_keys)]
+        data = {"history": [dict(zip(keys, row)) for row in zip(*columns)]}
+        assert dumps(data) == row_by_row(data), trial
 
 
 def test_paused_gc_restores_the_collector():
