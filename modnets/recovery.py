@@ -57,7 +57,7 @@ def separates(outputs: np.ndarray, bits: np.ndarray) -> bool:
     return bool(ones.min() > zeros.max() or ones.max() < zeros.min())
 
 
-def assign(cost, maximize: bool = False) -> np.ndarray:
+def assign(cost: np.ndarray, maximize: bool = False) -> np.ndarray:
     """Exact linear sum assignment of every matrix of a stack at once: cost [B, rows, cols] ->
     [B, rows], the column of each row (-1: none, when rows outnumber columns).
 
@@ -93,7 +93,7 @@ def _solve(c: np.ndarray) -> np.ndarray:
     path = np.full((B, nc), -1, np.int64)
     every = np.arange(B)
     for cur in range(nr):
-        min_val, sink, spc, SR, SC = _shortest_paths(c, u, v, path, row4col, cur)
+        min_val, sink, spc, SR, SC = _shortest_paths(c, u=u, v=v, path=path, row4col=row4col, cur=cur)
         u[:, cur] += min_val  # the dual variables
         others = SR.copy()
         others[:, cur] = False
@@ -198,7 +198,7 @@ def recover(routing: dict, circuits: list[Circuit], tables=None, skip_output: bo
     or None to skip `specialisation`.
     """
     batch = None if tables is None else [np.asarray(t)[None] for t in tables]
-    return recover_all([routing], circuits, batch, skip_output)[0]
+    return recover_all([routing], circuits, tables=batch, skip_output=skip_output)[0]
 
 
 def recover_all(routings: list[dict], circuits: list[Circuit], tables=None, skip_output: bool = False) -> list[dict]:
@@ -226,7 +226,8 @@ def recover_all(routings: list[dict], circuits: list[Circuit], tables=None, skip
         for f, n in zip(fractions, n_true):  # summed in order, as Python's sum
             total = total + f * n
         routing_frac.append(total / sum(n_true))
-        out_frac.append(output_hits(outputs[:, t], c.outputs, perms, n_true, skip_output) / len(c.outputs))
+        hits = output_hits(outputs[:, t], true_outputs=c.outputs, perms=perms, true_widths=n_true, skip_output=skip_output)
+        out_frac.append(hits / len(c.outputs))
         exact.append(np.logical_and.reduce([f == 1 for f in fractions] + [out_frac[-1] == 1]).astype(float))
         for i, (perm, layer) in enumerate(zip(perms, c.layers)):
             matched, true = perm >= 0, np.maximum(perm, 0)
@@ -249,7 +250,14 @@ def recover_all(routings: list[dict], circuits: list[Circuit], tables=None, skip
         columns["slot_assignment"] = np.where(best >= 0, taken, 0).sum(1) / n_modules
     if tables is not None:
         columns["specialisation"] = spec / n_modules
+    return per_replicate(columns, layer_fracs)
+
+
+def per_replicate(columns: dict[str, np.ndarray], layer_fracs: list[list[np.ndarray]]) -> list[dict]:
+    """One dict of Python floats per replicate from metric columns [B] and, per circuit and layer, the
+    fractions [B] (`input_routing_layers`: their mean over circuits; None when circuits differ in depth)."""
     values = {k: v.tolist() for k, v in columns.items()}
+    B = len(layer_fracs[0][0])
     same_depth = len({len(f) for f in layer_fracs}) == 1
     layers = np.mean(np.stack([np.stack(f, 1) for f in layer_fracs], 1), 1).tolist() if same_depth else [None] * B
     keys = ["exact_structure", "input_routing", "input_routing_layers", "output_routing", *list(columns)[3:]]
@@ -330,7 +338,7 @@ def measure(model, task) -> list[dict] | None:
     if not applicable(model, task):
         return None
     skip = bool(getattr(model, "skip_output", False))
-    measured = recover_all(model.routing_summary(), task.circuits, bank_tables(model), skip)
+    measured = recover_all(model.routing_summary(), task.circuits, tables=bank_tables(model), skip_output=skip)
     return [m | {"sub_functions": f} for m, f in zip(measured, sub_functions(model, task))]
 
 
@@ -411,7 +419,7 @@ def _random_baseline(circuits, widths, k, library, skip_output, draws, seed):
             routing["locations"] = [[rng.integers(0, library, n) for _ in range(T)] for n in widths]
         routings.append(routing)
     totals: dict[str, float] = {}
-    for measured in recover_all(routings, list(circuits), None, skip_output):  # summed in draw order
+    for measured in recover_all(routings, list(circuits), skip_output=skip_output):  # summed in draw order
         for key, value in measured.items():
             if key != "input_routing_layers":
                 totals[key] = totals.get(key, 0.0) + value / draws
