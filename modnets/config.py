@@ -8,6 +8,7 @@ would fix it (`ConfigError`), never as a stack trace from deep inside torch:
   wrong types by the parameter's default);
 - `one_line_errors` turns Hydra's own errors (an unknown key in an override, a missing
   config group option, bad override syntax) into one line too;
+- `compose_once` makes Hydra compose a single run's config once, not twice;
 - `check_memory` refuses, with its estimate, a task or model that would not fit in memory.
 """
 
@@ -350,6 +351,56 @@ def one_line_errors(entry):
             raise SystemExit(1) from None
         finally:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+
+    return wrapper
+
+
+def compose_once(entry):
+    """Wrap a `@hydra.main` entry point so that Hydra composes a single run's config once.
+
+    Hydra 1.3 composes every command's config twice: once only to read `hydra.mode` (is it a
+    sweep?) and again to run (0.1 s each for `experiment=modular`). Here the first composition is
+    the run's own (`RunMode.RUN`, as `Hydra.run` asks for it) and is kept for it: when the run then
+    asks, it gets that config, with the `hydra.mode=RUN` override that Hydra adds when no config set
+    a mode (tests/test_startup.py checks that both ways give the same config, `hydra:` included).
+    Sweeps (`-m`, or a preset setting `hydra.mode`), and any composition error, take Hydra's own path."""
+
+    @functools.wraps(entry)
+    def wrapper(*args, **kwargs):
+        try:
+            from hydra._internal.config_loader_impl import ConfigLoaderImpl
+            from hydra._internal.hydra import Hydra
+            from hydra.types import RunMode
+        except ImportError:  # another Hydra: its own way
+            return entry(*args, **kwargs)
+        get_mode, load = Hydra.get_mode, ConfigLoaderImpl.load_configuration
+        kept = {}
+
+        def first_get_mode(self, config_name, overrides):
+            try:
+                cfg = load(self.config_loader, config_name=config_name, overrides=list(overrides), run_mode=RunMode.RUN)
+            except Exception:  # what Hydra does reports it
+                return get_mode(self, config_name, overrides)
+            if cfg.hydra.mode not in (None, RunMode.RUN):
+                return get_mode(self, config_name, overrides)
+            kept[config_name, tuple(overrides)] = cfg
+            return cfg.hydra.mode
+
+        def load_kept(self, config_name, overrides, run_mode, from_shell=True, validate_sweep_overrides=True):
+            added = overrides[-1:] == ["hydra.mode=RUN"]
+            cfg = kept.pop((config_name, tuple(overrides[:-1] if added else overrides)), None)
+            if cfg is None or run_mode != RunMode.RUN or not (from_shell and validate_sweep_overrides):
+                return load(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
+            if added:  # as Hydra applies the override it added
+                cfg.hydra.mode = RunMode.RUN
+                cfg.hydra.overrides.hydra.append("hydra.mode=RUN")
+            return cfg
+
+        Hydra.get_mode, ConfigLoaderImpl.load_configuration = first_get_mode, load_kept
+        try:
+            return entry(*args, **kwargs)
+        finally:
+            Hydra.get_mode, ConfigLoaderImpl.load_configuration = get_mode, load
 
     return wrapper
 

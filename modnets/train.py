@@ -38,6 +38,7 @@ from modnets.config import (
     check,
     check_memory,
     check_model_memory,
+    compose_once,
     data_estimate,
     one_line_errors,
     sanity_warnings,
@@ -672,6 +673,7 @@ def failed(cfg: DictConfig, e: Exception) -> None:
 
 
 @one_line_errors  # Hydra's errors (unknown key, missing option) as one line, like ConfigError
+@compose_once  # a single run's config composed once (Hydra composes it twice)
 @hydra.main(version_base="1.3", config_path=str(modnets.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     RUNS.append(in_sweep())

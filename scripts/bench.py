@@ -16,9 +16,10 @@ are the reference: a seed sweep of R runs costs R times that.
 
 `--targets` measures the end-to-end commands the speed targets are about (each the median of
 `--repeats` runs) and prints each target beside its measurement; `--startup` splits one
-end-to-end run into interpreter start, imports, Hydra, build, W&B start, training, results
-and recovery, and writing, from `results.json`'s `timings_s`, plus what W&B adds end to end,
-so that a regression shows where it is. Timings need a quiet machine: on a loaded one they say little.
+end-to-end run (W&B offline, and disabled beside it) into its start (interpreter, imports,
+Hydra), build, W&B runs, training, results and its end (files, W&B finishing, exit), from
+`results.json`'s `timings_s` and the time it was written, so that a regression, or what W&B
+adds, shows where it is. Timings need a quiet machine: on a loaded one they say little.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def cli_run(replicates: int, mode: str, threads: int | None, device: str = "cpu"
     seconds, CPU seconds (the process and its children: the W&B worker and W&B's service) and its timings."""
     with tempfile.TemporaryDirectory() as out:
         cpu = cpu_seconds()
-        start = time.perf_counter()
+        launched, start = time.time(), time.perf_counter()
         subprocess.run(
             [
                 sys.executable, "-m", "modnets.train", "experiment=modular", f"trainer.replicates={replicates}",
@@ -127,6 +128,9 @@ def cli_run(replicates: int, mode: str, threads: int | None, device: str = "cpu"
     return {
         "wall": wall, "cpu": cpu, "train": result["train_time_s"], "inside": result["wall_time_s"], "timings": timings,
         "writing": max(written) - min(written),
+        # the run's start (interpreter, imports, Hydra) and end (after the last results.json: pictures, W&B
+        # finishing, exit) as this run spent them, the W&B worker's start beside it included
+        "before_run": min(written) - launched - sum(timings.values()), "after_results": launched + wall - max(written),
     }
 
 
@@ -164,31 +168,38 @@ def median_of(repeats: int, fn) -> dict:
 
 
 def startup(repeats: int, threads: int | None) -> dict[str, float]:
-    """Seconds of each part of one end-to-end run (W&B offline), medians of `repeats`; and what
-    W&B adds end to end (the same run with W&B disabled)."""
+    """Seconds of each part of one end-to-end run, W&B offline beside W&B disabled (medians of
+    `repeats`): the start and the end as the run spent them (from the time its results file was
+    written), its phases from `results.json`'s `timings_s`; and the imports and Hydra's composition
+    timed alone in fresh processes (what the start costs without the W&B worker beside it)."""
     bare = median_of(repeats, lambda: {"t": python_wall("pass")})["t"]
     imported = median_of(repeats, lambda: {"t": python_wall(IMPORT)})["t"]
     composing = median_of(repeats, lambda: {"t": compose_seconds()})["t"]
-    run = median_of(repeats, lambda: cli_run(1, "offline", threads))
-    quiet = median_of(repeats, lambda: cli_run(1, "disabled", threads))
-    t = run["timings"]
-    parts = {
-        "interpreter start": bare,
-        "imports (modnets.train: torch, hydra, ...)": imported - bare,
-        "Hydra: compose the config": composing,
-        "W&B worker launch": t["wandb_launch"],
-        "build (task, model, optimizer)": t["build"],
-        "W&B runs opened, recovery baseline (imports scipy)": t["open_runs"],
-        "training (fit)": t["train"],
-        "results (recovery, FLOPs, summaries)": t["results"],
-        "writing results.json, W&B finishing, Hydra, exit": run["wall"] - imported - composing - sum(t.values()),
-    }
-    print(f"one `modnets-train experiment=modular` (W&B offline), median of {repeats}: {run['wall']:.2f} s end to end")
-    for name, seconds in parts.items():
-        print(f"  {name:<52} {seconds:>7.3f} s")
-    extra = run["wall"] - quiet["wall"]
-    print(f"  {'(W&B offline adds, against logger.mode=disabled)':<52} {extra:>7.3f} s")
-    return parts | {"end to end": run["wall"], "W&B adds": extra}
+    runs = {mode: median_of(repeats, lambda mode=mode: cli_run(1, mode, threads)) for mode in ("offline", "disabled")}
+
+    def parts(run: dict) -> dict[str, float]:
+        t = run["timings"]
+        return {
+            "start: interpreter, imports, Hydra (in the run)": run["before_run"],
+            "W&B worker launch": t["wandb_launch"],
+            "build (task, model, optimizer)": t["build"],
+            "W&B runs opened, recovery baseline": t["open_runs"],
+            "training (fit, recovery checkpoints, pictures)": t["train"],
+            "results (recovery, FLOPs, summaries)": t["results"],
+            "end: results.json, pictures, W&B finishing, exit": run["after_results"],
+            "end to end": run["wall"],
+        }
+
+    offline, disabled = parts(runs["offline"]), parts(runs["disabled"])
+    print(f"one `modnets-train experiment=modular`, median of {repeats}:   W&B offline  disabled  offline adds")
+    for name in offline:
+        print(f"  {name:<52} {offline[name]:>7.3f} s {disabled[name]:>7.3f} s {offline[name] - disabled[name]:>+7.3f} s")
+    alone = {"interpreter start": bare, "imports (modnets.train: torch, hydra, ...)": imported - bare,
+             "Hydra: compose the config": composing}
+    print("  timed alone, in fresh processes:")
+    for name, seconds in alone.items():
+        print(f"    {name:<50} {seconds:>7.3f} s")
+    return {"offline": offline, "disabled": disabled, "alone": alone, "W&B adds": offline["end to end"] - disabled["end to end"]}
 
 
 def step_costs(preset: str, replicates: int, threads: int | None, repeats: int, device: str = "cpu") -> dict[str, float]:

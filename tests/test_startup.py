@@ -85,3 +85,65 @@ def test_a_single_run_returns_with_its_files_and_wandb_run_complete(tmp_path):
     assert any(r.WhichOneof("record_type") == "exit" for r in records)
     assert summary_of(run_dir)["final/heldout_acc"] == result["final"]["heldout_acc"]
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+def composed(argv: list[str], once: bool) -> dict:
+    """The job's config and Hydra's node as a `@hydra.main` entry point gets them for `modnets-train
+    ARGV`, through `config.compose_once` or Hydra's own two compositions; and how often Hydra composed."""
+    import sys
+
+    import hydra
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from modnets.config import compose_once
+
+    seen, load = {"loads": 0}, ConfigLoaderImpl._load_configuration_impl
+
+    def counted(self, *args, **kwargs):
+        seen["loads"] += 1
+        return load(self, *args, **kwargs)
+
+    @hydra.main(version_base="1.3", config_path=str(modnets.CONF_DIR), config_name="config")
+    def task(cfg):
+        seen["job"], seen["hydra"] = OmegaConf.to_yaml(cfg), OmegaConf.to_yaml(HydraConfig.get())
+
+    saved, sys.argv = sys.argv, ["modnets-train", *argv]
+    ConfigLoaderImpl._load_configuration_impl = counted
+    try:
+        (compose_once(task) if once else task)()
+    finally:
+        sys.argv, ConfigLoaderImpl._load_configuration_impl = saved, load
+    return seen
+
+
+@pytest.mark.parametrize(
+    "overrides", [[], ["experiment=modular", "seed=3", "logger.mode=disabled"], ["hydra.mode=RUN", "trainer.epochs=2"]]
+)
+def test_a_single_run_is_composed_once_into_the_config_hydra_composes_twice(overrides, tmp_path):
+    argv = [*overrides, f"hydra.run.dir={tmp_path}"]
+    hydra_way, once = composed(argv, once=False), composed(argv, once=True)
+    assert (hydra_way["loads"], once["loads"]) == (2, 1)
+    assert once["job"] == hydra_way["job"] and once["hydra"] == hydra_way["hydra"]
+    assert "mode: RUN" in once["hydra"] and (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("overrides", [["hydra.mode=MULTIRUN"], ["hydra.mode=MULTIRUN", "seed=1,2"]])
+def test_a_sweep_takes_hydras_own_way(overrides, tmp_path):
+    argv = [*overrides, f"hydra.sweep.dir={tmp_path}"]
+    hydra_way, once = composed(argv, once=False), composed(argv, once=True)
+    assert once["job"] == hydra_way["job"] and once["hydra"] == hydra_way["hydra"] and "mode: MULTIRUN" in once["hydra"]
+    assert once["loads"] > hydra_way["loads"]  # the run's composition was tried first
+
+
+def test_a_bad_override_fails_as_in_hydra(tmp_path, monkeypatch):
+    from hydra.errors import HydraException
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # Hydra raises rather than printing
+    errors = []
+    for once in (False, True):
+        with pytest.raises(HydraException) as e:
+            composed(["trainer.nope=1", f"hydra.run.dir={tmp_path}"], once=once)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "nope" in errors[0]

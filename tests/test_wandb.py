@@ -93,3 +93,20 @@ def test_the_selected_run_shares_the_replicates_worker(cfg_in, tmp_path, monkeyp
     chosen = json.loads((tmp_path / "run" / "selected" / "results.json").read_text())["selection"]["chosen"]
     steps = history_by_step(run_dir)
     assert sorted(steps) == [1, 2, 3, 4] and steps[4]["train_loss"] == results[chosen - 1]["final"]["train_loss"]
+
+
+def test_an_offline_run_builds_no_usage_metrics_exporter(tmp_path):
+    """W&B's SDK sends usage metrics (OpenTelemetry) to W&B's servers, never for offline runs: the
+    worker turns them off before its first offline run, so it neither builds nor imports the exporter."""
+    import wandb
+    from wandb.analytics.opentelemetry import opentelemetry_proxy
+
+    from modnets.logger import _init
+
+    wandb_run = _init(wandb, {"mode": "offline", "dir": str(tmp_path), "id": "usage000", "name": "n"}, {})
+    try:
+        wandb_run.log({"epoch": 1, "loss": 0.5}, step=1)  # the first log is where the SDK builds its exporter
+        assert opentelemetry_proxy.get_open_telemetry_proxy() is None
+    finally:
+        wandb_run.finish()
+    assert history_by_step(next((tmp_path / "wandb").glob("offline-run-*")))[1]["loss"] == 0.5
