@@ -73,18 +73,30 @@ def gate_of(outputs, k: int, names: list[str]) -> str:
     """The gate whose truth table the outputs on {0,1}^k separate with the widest margin (the gap
     between its 1-rows and 0-rows over the outputs' range), high = 1, or high = 0 as "¬gate" when
     the library has no complement; "?" when no gate is separated (constant or tangled outputs)."""
+    return gates_of(np.asarray(outputs, dtype=float)[None], k, names)[0]
+
+
+def gates_of(outputs: np.ndarray, k: int, names: list[str]) -> list[str]:
+    """`gate_of` of many modules at once: outputs [modules, 2^k]."""
     out = np.asarray(outputs, dtype=float)
-    spread_ = float(np.ptp(out)) if np.isfinite(out).all() else 0.0
-    best, label = 0.0, "?"
+    finite = np.isfinite(out).all(1)
+    spread_ = np.where(finite, np.ptp(np.where(finite[:, None], out, 0.0), 1), 0.0)
+    scale = np.where(spread_ > 0, spread_, 1.0)
+    best, label = np.zeros(len(out)), np.zeros(len(out), np.int64)  # label 0: "?"
+    labels = ["?"]
     for sign, prefix in ((1, ""), (-1, "¬")):
         for name in names:
             bits = recovery.gate_table(name, k)
-            if 0 < bits.sum() < len(bits) and spread_ > 0:
-                ones, zeros = out[bits == 1], out[bits == 0]
-                margin = ones.min() - zeros.max() if sign > 0 else zeros.min() - ones.max()
-                if margin / spread_ > best + 1e-9:
-                    best, label = margin / spread_, prefix + name
-    return label
+            if not 0 < bits.sum() < len(bits):
+                continue
+            ones, zeros = out[:, bits == 1], out[:, bits == 0]
+            with np.errstate(invalid="ignore"):  # inf - inf in a diverged module's row: never a label
+                margin = ones.min(1) - zeros.max(1) if sign > 0 else zeros.min(1) - ones.max(1)
+            wider = (spread_ > 0) & (margin / scale > best + 1e-9)
+            best = np.where(wider, margin / scale, best)
+            label = np.where(wider, len(labels), label)
+            labels.append(prefix + name)
+    return [labels[i] for i in label.tolist()]
 
 
 def has_modules(model) -> bool:
@@ -99,13 +111,18 @@ def modules_json(model, circuits: list[Circuit] | None) -> list[dict] | None:
         return None
     k, n_inputs = int(model.routers[0].k), int(model.routers[0].logits.shape[2])
     names = gate_names(k, circuits)
-    out = []
-    for banks in recovery.module_tables(model):
-        gates = [[gate_of(row, k, names) for row in b] for b in banks]
-        finite = [np.where(np.isfinite(b), np.round(b.astype(float), 3), None) for b in banks]  # NaN (diverged): null
-        tables = [b.tolist() for b in finite]
-        out.append({"k": k, "n_inputs": n_inputs, "tables": tables, "gates": gates})
-    return out
+    banks = recovery.bank_tables(model)  # per layer (one library) [R, modules, 2^k]
+    R = banks[0].shape[0]
+    gates = [np.reshape(gates_of(b.reshape(-1, b.shape[2]), k, names), b.shape[:2]).tolist() for b in banks]
+    tables = [rounded(b).tolist() for b in banks]
+    return [{"k": k, "n_inputs": n_inputs, "tables": [t[r] for t in tables], "gates": [g[r] for g in gates]} for r in range(R)]
+
+
+def rounded(table: np.ndarray) -> np.ndarray:
+    """Module outputs to 3 decimals; NaN and inf (a diverged replicate) as None (JSON null)."""
+    values = np.round(table.astype(float), 3)
+    finite = np.isfinite(values)
+    return values if finite.all() else np.where(finite, values, None)
 
 
 def picture_of(result: dict) -> dict | None:
@@ -167,13 +184,11 @@ def library_relabelling(p: dict, perms_per_task: list) -> dict[int, int]:
     ]
     if not pairs:
         return {}
-    counts = np.zeros((max(a for a, _ in pairs) + 1, len(library)))
+    counts = np.zeros((1, max(a for a, _ in pairs) + 1, len(library)))
     for a, b in pairs:
-        counts[a, b] += 1
-    from scipy.optimize import linear_sum_assignment  # lazily: 0.3 s to import
-
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    return dict(zip(rows.tolist(), cols.tolist()))
+        counts[0, a, b] += 1
+    cols = recovery.assign(counts, maximize=True)[0].tolist()
+    return {row: col for row, col in enumerate(cols) if col >= 0}
 
 
 def module_mark(p: dict, t: int, i: int, j: int, true: Gate | None, prev, relabel) -> dict:

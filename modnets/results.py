@@ -14,11 +14,13 @@ aggregator lists it apart.
 from __future__ import annotations
 
 import contextlib
-import copy
+import gc
 import hashlib
 import json
+import math
 import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import traceback
@@ -54,17 +56,70 @@ def best_entry(history: list[dict]) -> dict:
     return max(history, key=lambda h: (h.get("val_acc", 0.0), -h.get("val_loss", 0.0), -h["epoch"]))
 
 
+@contextlib.contextmanager
+def paused_gc():
+    """Python's cycle collector off while a run builds its results: millions of new long-lived
+    objects (histories, results files) that it would otherwise scan again and again for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def dumps(data: dict) -> str:
     """JSON with one line per top-level key and one line per row of a list of rows (the history):
-    readable, and written by json's C encoder (an indented dump runs its Python one, 2-3x slower)."""
+    readable, and written by json's C encoder (an indented dump runs its Python one, 2-3x slower)
+    or, for a table of numbers (the history), column by column (`table_rows`), the same text."""
     lines = []
     for key, value in data.items():
         if isinstance(value, (list, tuple)) and value and all(isinstance(row, dict) for row in value):
-            body = "[\n  " + ",\n  ".join(json.dumps(row) for row in value) + "\n ]"
+            rows = table_rows(value) or [json.dumps(row) for row in value]
+            body = "[\n  " + ",\n  ".join(rows) + "\n ]"
         else:
             body = json.dumps(value)
         lines.append(f" {json.dumps(key)}: {body}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+NOT_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # json's spelling
+
+
+def table_rows(rows: list[dict]) -> list[str] | None:
+    """`json.dumps` of each row of a table whose rows have the same string keys and whose columns
+    hold only ints or only floats (None for any other list of rows). A history's floats repeat
+    (accuracies are a few fractions), and formatting a float is most of the cost of writing the
+    results: each distinct value of a column is formatted once."""
+    keys = tuple(rows[0])
+    if not keys or not all(type(k) is str for k in keys) or not all(map(keys.__eq__, map(tuple, rows))):
+        return None
+    columns = []
+    for column in zip(*map(dict.values, rows)):
+        kinds = set(map(type, column))
+        if kinds == {int}:
+            columns.append(map(int.__repr__, column))
+        elif kinds == {float}:
+            columns.append(float_texts(column))
+        else:
+            return None
+    template = "{" + ", ".join(json.dumps(k) + ": %s" for k in keys) + "}"
+    return list(map(template.__mod__, zip(*columns)))
+
+
+def float_texts(column: tuple[float, ...]) -> list[str]:
+    """json's text of each float: its repr (NaN and infinities spelled as json spells them)."""
+    distinct = set(column)
+    if 2 * len(distinct) > len(column):  # mostly distinct (a loss): format each
+        texts = list(map(float.__repr__, column))
+    else:
+        texts = list(map(dict(zip(distinct, map(float.__repr__, distinct))).__getitem__, column))
+        if 0.0 in distinct:  # 0.0 and -0.0 are one key of the dict: format zeros one by one
+            texts = [repr(v) if v == 0.0 else t for v, t in zip(column, texts)]
+    if not all(map(math.isfinite, distinct)):
+        texts = [NOT_FINITE.get(t, t) for t in texts]
+    return texts
 
 
 def arch_label(config: dict) -> str:
@@ -281,10 +336,10 @@ def replicate_config(cfg: DictConfig, r: int) -> dict:
 
 def replicate_configs(cfg: DictConfig, replicates) -> list[dict]:
     """replicate_config of each r in `replicates`, resolving the config once (1024 seeds: once, not 1024 times)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = pickle.dumps(OmegaConf.to_container(cfg, resolve=True))  # a copy per replicate: loads is 10x deepcopy's speed
     configs = []
     for r in replicates:
-        config = copy.deepcopy(resolved)
+        config = pickle.loads(resolved)
         config["seed"] = int(cfg.seed) + r
         config["trainer"]["replicates"] = 1
         if "select" in config["trainer"]:  # one replicate: nothing to select among
