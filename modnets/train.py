@@ -178,6 +178,13 @@ def draw_epoch(generators, n_train, x_shape, noise_std, noise_shapes, steps, per
 AHEAD = 64  # replicates from which the next epoch's draws are made in a thread while this epoch trains
 
 
+def draw_ahead(saver: Checkpointer, replicates: int, device: torch.device) -> bool:
+    """Whether `fit` draws each epoch ahead in a thread: many replicates, no checkpoint (it saves the
+    generators: they must not run ahead), and a core the training leaves free: on CUDA, or on a CPU
+    run with one torch thread (beside torch's own threads it would be a thread too many)."""
+    return saver.path is None and replicates >= AHEAD and (device.type == "cuda" or torch.get_num_threads() == 1)
+
+
 class Draws:
     """`draw_epoch` for each epoch in turn; with `ahead`, the next epoch's draws are made in a
     background thread while this epoch trains (torch's ops release the GIL; at 1024 replicates
@@ -287,7 +294,7 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     diverged = saver.diverged
     draws = Draws(
         lambda: draw_epoch(generators, n_train, task.x.shape[1:], task.noise, noise_shapes, steps, per_sample, task.x.device),
-        ahead=saver.path is None and R >= AHEAD,  # a checkpoint saves the generators: they must not run ahead
+        ahead=draw_ahead(saver, R, task.x.device),
     )
     for epoch in range(start + 1, int(tr.epochs) + 1):
         progress = (epoch - 1) / max(1, int(tr.epochs) - 1)
