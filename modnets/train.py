@@ -175,14 +175,15 @@ def draw_epoch(generators, n_train, x_shape, noise_std, noise_shapes, steps, per
     )
 
 
-AHEAD = 64  # replicates from which the next epoch's draws are made in a thread while this epoch trains
+AHEAD = 64  # replicates from which a CUDA run draws the next epoch in a thread while this epoch trains
 
 
 def draw_ahead(saver: Checkpointer, replicates: int, device: torch.device) -> bool:
-    """Whether `fit` draws each epoch ahead in a thread: many replicates, no checkpoint (it saves the
-    generators: they must not run ahead), and a core the training leaves free: on CUDA, or on a CPU
-    run with one torch thread (beside torch's own threads it would be a thread too many)."""
-    return saver.path is None and replicates >= AHEAD and (device.type == "cuda" or torch.get_num_threads() == 1)
+    """Whether `fit` draws each epoch ahead in a thread: many replicates on CUDA (the host waits for
+    the device once per epoch) and no checkpoint (it saves the generators: they must not run ahead).
+    Not on CPUs: at 1024 replicates on one torch thread the training loop and the drawing thread
+    fight over the GIL and training took longer (docs/speed.md)."""
+    return saver.path is None and replicates >= AHEAD and device.type == "cuda"
 
 
 class Draws:

@@ -32,14 +32,15 @@ def test_draws_made_ahead_are_the_draws_made_in_turn(cfg_in, monkeypatch, overri
         assert torch.equal(g.get_state(), h.get_state())
 
 
-def test_draws_ahead_only_without_a_checkpoint_and_with_a_free_core(cfg_in):
+def test_draws_ahead_only_on_cuda_without_a_checkpoint(cfg_in):
     b = build(cfg_in("experiment=modular", "trainer.replicates=64", "trainer.device=cpu"))
     saver = modnets.train.Checkpointer(cfg_in("trainer.checkpoint_every=0"), b.model, b.optimizer, b.scheduler, b.generators)
-    cpu = torch.device("cpu")
-    assert modnets.train.draw_ahead(saver, 64, cpu)  # conftest: one torch thread
-    assert not modnets.train.draw_ahead(saver, 8, cpu)
+    cuda = torch.device("cuda")  # only its type is read
+    assert modnets.train.draw_ahead(saver, 64, cuda)
+    assert not modnets.train.draw_ahead(saver, 8, cuda)
+    assert not modnets.train.draw_ahead(saver, 64, torch.device("cpu"))
     saver = modnets.train.Checkpointer(cfg_in("trainer.checkpoint_every=5"), b.model, b.optimizer, b.scheduler, b.generators)
-    assert not modnets.train.draw_ahead(saver, 64, cpu)  # the checkpoint saves the generators at epoch ends
+    assert not modnets.train.draw_ahead(saver, 64, cuda)  # the checkpoint saves the generators at epoch ends
 
 
 def test_a_failed_draw_ahead_is_raised_in_the_loop():
