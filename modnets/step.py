@@ -42,7 +42,13 @@ def hand_step(model: torch.nn.Module, method: Router | None) -> HandStep | None:
 class HandStep:
     """`step(x, y)`: the training forward on inputs x [R, B, ...], the per-replicate mean BCE
     losses [R] against targets y [R, B, outputs], and the gradient of their sum accumulated into
-    every trainable parameter's `.grad` (as `losses.sum().backward()` would)."""
+    every trainable parameter's `.grad` (as `losses.sum().backward()` would).
+
+    The modules' weights are multiplied through views in the layouts the products need, made once
+    (`prepare`) and made again when a parameter no longer lives where they point (an optimizer
+    that moved the parameters into its buffer); activations stay in the layout [R * n, B, width]
+    of the products. Every product and reduction gets operands of the shapes and strides
+    autograd's path gives it, so the numbers are the same bits with about half the tensor ops."""
 
     def __init__(self, model, routers: list[TopKRouter], banks: list[ModuleBank], output_router: TopKRouter | None):
         self.model = model
@@ -50,6 +56,14 @@ class HandStep:
         self.banks = [Bank(b) for b in banks]
         self.output_router = Selector(output_router) if output_router is not None else None
         self.lanes: dict[int, bool] = {}  # batch size -> whether `lane_step` may run it
+        self.loss_grads: dict[tuple, torch.Tensor] = {}  # logits' shape -> d(sum of mean losses) / d(each term)
+        self.at: list[int] = []  # where each weight and bias lived when `prepare` ran
+
+    def prepare(self) -> None:
+        """(Re)make the views of the weights every step multiplies with."""
+        for bank in self.banks:
+            bank.prepare()
+        self.at = [p.data_ptr() for bank in self.banks for p in bank.params]
 
     @torch.no_grad()  # the functions below run inside it: they record no graph
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -59,29 +73,48 @@ class HandStep:
                 self.lanes[B] = lanes_fit(self, B)
             if self.lanes[B]:
                 return lane_step(self, x, y)
-        saved = []
+        if self.at != [p.data_ptr() for bank in self.banks for p in bank.params]:  # a microsecond: safe by itself
+            self.prepare()
         if self.output_router is None:  # MLP: one bank of one module on the flattened input
-            h, bank_saved = bank_forward(self.banks[0], x.flatten(2).unsqueeze(2))
-            logits = h.squeeze(2)
-        else:
-            h = x
-            for router, bank in zip(self.routers, self.banks):
-                picked, router_saved = select_forward(router, h)
-                h, bank_saved = bank_forward(bank, picked)
-                h = h.squeeze(-1)
-                saved.append((router_saved, bank_saved))
-            picked, out_saved = select_forward(self.output_router, h)
-            logits = picked[:, :, 0]
-        losses, grad = loss_and_grad(logits, y)
-        if self.output_router is None:
-            bank_backward(self.banks[0], bank_saved, grad.unsqueeze(2), need_input=False)
+            h, bank_saved = bank_forward(self.banks[0], x.reshape(R, B, -1), R, 1)
+            logits = h.view(R, B, -1)
+            losses, grad = self.loss_and_grad(logits, y)
+            bank_backward(self.banks[0], bank_saved, grad.view(R, B, 1, -1), need_input=False)
             return losses
-        grad = select_backward(self.output_router, out_saved, grad.unsqueeze(2), need_input=True)
+        saved, h = [], x
+        for router, bank in zip(self.routers, self.banks):
+            picked, router_saved = select_forward(router, h)  # [R * consumers, B, k]
+            h, bank_saved = bank_forward(bank, picked, R, router.logits.shape[3])
+            h = h.view(R, -1, B).transpose(1, 2)  # [R, B, consumers]: the outputs of a layer's modules
+            saved.append((router_saved, bank_saved))
+        picked, out_saved = select_forward(self.output_router, h, consumers_first=False)
+        logits = picked.view(R, B, self.output_router.k, -1)[:, :, :, 0]
+        losses, grad = self.loss_and_grad(logits, y)
+        grad = select_backward(self.output_router, out_saved, grad.unsqueeze(3), need_input=True)  # [R, B, width]
+        grad = grad.unsqueeze(-1)  # [R, B, n, 1]: the last layer's output gradient of the bank below
         for i in reversed(range(len(saved))):
             router_saved, bank_saved = saved[i]
-            grad = bank_backward(self.banks[i], bank_saved, grad.unsqueeze(-1), need_input=True)
+            grad = bank_backward(self.banks[i], bank_saved, grad, need_input=True)  # [R * n, B, k]
+            n = self.routers[i].logits.shape[3]
+            grad = grad.view(R, n, B, -1).permute(0, 2, 3, 1)  # [R, B, k, n]
             grad = select_backward(self.routers[i], router_saved, grad, need_input=i > 0)
+            grad = grad.unsqueeze(-1) if grad is not None else None
         return losses
+
+    def loss_and_grad(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`loss_and_grad` with the constant factor of the gradient made once per shape."""
+        key = (*logits.shape, logits.device)
+        if key not in self.loss_grads:
+            self.loss_grads[key] = loss_grad_factor(logits)
+        per_output = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        return per_output.mean((1, 2)), torch.sigmoid(logits).sub_(y).mul_(self.loss_grads[key])
+
+
+def loss_grad_factor(logits: torch.Tensor) -> torch.Tensor:
+    """The gradient of the sum of each replicate's mean over [B, outputs] with respect to each term,
+    as autograd's SumBackward and MeanBackward make it (1 / (B * outputs), expanded)."""
+    R, B, n = logits.shape
+    return logits.new_ones(()).expand(R)[:, None, None].expand(R, B, n) / (B * n)
 
 
 def loss_and_grad(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,10 +122,7 @@ def loss_and_grad(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
     respect to the logits, as autograd computes it (SumBackward, MeanBackward, then
     binary_cross_entropy_with_logits_backward)."""
     per_output = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-    losses = per_output.mean((1, 2))
-    n = per_output.shape[1] * per_output.shape[2]
-    grad = losses.new_ones(()).expand(losses.shape)[:, None, None].expand(per_output.shape) / n
-    return losses, torch.sigmoid(logits).sub_(y).mul_(grad)
+    return per_output.mean((1, 2)), torch.sigmoid(logits).sub_(y).mul_(loss_grad_factor(logits))
 
 
 class Selector:
@@ -110,12 +140,19 @@ class Selector:
 
 
 class Bank:
-    """A `ModuleBank`'s weights and biases (the same Parameter objects), per layer."""
+    """A `ModuleBank`'s weights and biases (the same Parameter objects), per layer, and the views
+    of them a step multiplies with (`prepare`): weights [R * n, in, out] and transposed, biases [R, n, 1, out]."""
 
-    __slots__ = ("weights", "biases")
+    __slots__ = ("weights", "biases", "params", "w", "wt", "b")
 
     def __init__(self, bank: ModuleBank):
         self.weights, self.biases = list(bank.weights), list(bank.biases)
+        self.params = [*self.weights, *self.biases]
+
+    def prepare(self) -> None:
+        self.w = [w.detach().reshape(w.shape[0] * w.shape[1], *w.shape[2:]) for w in self.weights]
+        self.wt = [w.transpose(1, 2) for w in self.w]
+        self.b = [b.detach().unsqueeze(2) for b in self.biases]
 
 
 def accumulate(p: torch.nn.Parameter, grad: torch.Tensor) -> None:
@@ -126,61 +163,68 @@ def accumulate(p: torch.nn.Parameter, grad: torch.Tensor) -> None:
         p.grad.add_(grad)
 
 
-def select_forward(router: Selector, h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+def select_forward(router: Selector, h: torch.Tensor, consumers_first: bool = True) -> tuple[torch.Tensor, tuple]:
     """`TopKRouter`'s training forward on one router row: h [R, B, width] -> the picked inputs
-    [R, B, consumers, k] (a batched matmul with the hard top-k mask) and what backward needs."""
+    (a batched matmul with the hard top-k mask), [R * consumers, B, k] when `consumers_first`
+    (a module bank's layout) else [R, B, k * consumers], and what backward needs."""
     logits = router.logits  # [R, 1, width, consumers]
     R, _, W, n = logits.shape
     k = router.k
-    mask = topk_mask(logits, k)
-    out = torch.bmm(h, mask.view(R, W, k * n)).view(R, -1, k, n).transpose(2, 3)
+    idx = logits.topk(k, dim=2).indices  # [R, 1, k, consumers]: `topk_mask`, made as [R, width, k * consumers]
+    mask = torch.zeros(R, W, k * n, device=logits.device).scatter_(1, idx.view(R, 1, k * n), 1.0)
+    out = torch.bmm(h, mask)
+    if consumers_first:
+        out = out.view(R, -1, k, n).permute(0, 3, 1, 2).reshape(R * n, -1, k)
     s = torch.sigmoid(logits / router.tau if router.tau != 1 else logits) if logits.requires_grad else None  # x / 1 is x
     return out, (h, mask, s)
 
 
 def select_backward(router: Selector, saved: tuple, grad: torch.Tensor, need_input: bool) -> torch.Tensor | None:
-    """Gradients of `select_forward` from grad [R, B, consumers, k]: into the logits through the
-    straight-through estimator (sigmoid(logits / tau)), and returned for h when `need_input`."""
+    """Gradients of `select_forward` from grad [R, B, k, consumers]: into the logits through the
+    straight-through estimator (sigmoid(logits / tau)), and returned for h [R, B, width] when `need_input`."""
     h, mask, s = saved
-    R, _, W, k, n = mask.shape
-    g = grad.transpose(2, 3).reshape(R, -1, k * n)
+    R, W, _ = mask.shape
+    k, n = grad.shape[2:]
+    g = grad.reshape(R, -1, k * n)
     if s is not None:  # learned: the gradient reaches the logits as if the mask were hard + s - s.detach()
         grad_mask = h.transpose(1, 2).bmm(g).view(R, 1, W, k, n).sum(3)
         grad_logits = torch.ops.aten.sigmoid_backward(grad_mask, s)
         accumulate(router.logits, grad_logits / router.tau if router.tau != 1 else grad_logits)
-    return g.bmm(mask.view(R, W, k * n).transpose(1, 2)) if need_input else None
+    return g.bmm(mask.transpose(1, 2)) if need_input else None
 
 
-def bank_forward(bank: Bank, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """`ModuleBank.forward` (same ops), keeping each layer's input and activation for backward."""
-    R, B, n, _ = x.shape
-    last = len(bank.weights) - 1
+def bank_forward(bank: Bank, x: torch.Tensor, R: int, n: int) -> tuple[torch.Tensor, tuple]:
+    """`ModuleBank.forward` on x [R * n, B, in] (its ops, in their own layout): the outputs
+    [R * n, B, out], and each layer's input and activation for backward."""
+    B = x.shape[1]
+    last = len(bank.w) - 1
     inputs, activations = [], []
-    for i, (w, b) in enumerate(zip(bank.weights, bank.biases)):
-        xt = x.transpose(1, 2).reshape(R * n, B, -1)
-        inputs.append(xt)
-        x = torch.bmm(xt, w.reshape(R * n, *w.shape[2:])).view(R, n, B, -1).transpose(1, 2) + b.unsqueeze(1)
+    for i, (w, b) in enumerate(zip(bank.w, bank.b)):
+        inputs.append(x)
+        x = torch.bmm(x, w)
+        x.view(R, n, B, -1).add_(b)
         if i < last:
-            x = torch.relu(x)
+            x.relu_()
             activations.append(x)
-    return x, (inputs, activations)
+    return x, (inputs, activations, R, n)
 
 
 def bank_backward(bank: Bank, saved: tuple, grad: torch.Tensor, need_input: bool) -> torch.Tensor | None:
     """Gradients of `bank_forward` from grad [R, B, n, out] into every weight and bias; returned
-    for the bank's input [R, B, n, in] when `need_input`."""
-    inputs, activations = saved
-    R, B, n = grad.shape[:3]
-    weights, biases = bank.weights, bank.biases
+    for the bank's input, [R * n, B, in], when `need_input`."""
+    inputs, activations, R, n = saved
+    B = grad.shape[1]
+    weights = bank.weights
     for i in reversed(range(len(weights))):
-        w = weights[i]
         if i < len(activations):
             grad = torch.ops.aten.threshold_backward(grad, activations[i], 0)
-        accumulate(biases[i], grad.sum(1))
-        g = grad.transpose(1, 2).reshape(R * n, B, -1)
-        accumulate(w, inputs[i].transpose(1, 2).bmm(g).view(w.shape))
+            accumulate(bank.biases[i], grad.view(R, n, B, -1).sum(2))
+        else:  # the output layer's gradient comes in the caller's layout [R, B, n, out]
+            accumulate(bank.biases[i], grad.sum(1))
+            grad = grad.transpose(1, 2).reshape(R * n, B, -1)
+        accumulate(weights[i], inputs[i].transpose(1, 2).bmm(grad).view(weights[i].shape))
         if i > 0 or need_input:
-            grad = g.bmm(w.reshape(R * n, *w.shape[2:]).transpose(1, 2)).view(R, n, B, -1).transpose(1, 2)
+            grad = grad.bmm(bank.wt[i])
     return grad if need_input else None
 
 

@@ -17,6 +17,7 @@ if __name__ == "__main__":  # `python -m modnets.train` is the `modnets-train` c
 
 import math
 import os
+import threading
 import time
 from itertools import chain, repeat
 from pathlib import Path
@@ -105,12 +106,13 @@ class Evaluator:
             rows = position[task.splits[name]]
             self.membership[i, rows] = 1.0
         self.counts = self.membership.sum(1)[:, None]  # sums of 0/1 then one division: 13/13 is exactly 1
+        self.modules = None  # (model, its modules) for `train`
 
     @torch.no_grad()
     def __call__(self, model, replicates: int, hard: bool = True) -> torch.Tensor:
         """Metrics [R, splits, 3] (loss, acc, exact), on the device. `hard=False`: the routers'
         training-mode forward without noise (a soft router's mixture), for the discretisation gap."""
-        model.train(not hard)
+        self.train(model, not hard)
         per_row = []
         for rows in self.rows.split(self.batch_size):
             x = self.task.x[rows]
@@ -120,8 +122,21 @@ class Evaluator:
             loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(2)
             correct = (logits > 0) == (y > 0.5)
             per_row.append(torch.stack([loss, correct.float().mean(2), correct.all(2).float()], 2))
-        model.train()
-        return torch.einsum("rnm,sn->rsm", torch.cat(per_row, 1), self.membership) / self.counts
+        self.train(model, True)
+        per_row = per_row[0] if len(per_row) == 1 else torch.cat(per_row, 1)
+        return torch.einsum("rnm,sn->rsm", per_row, self.membership) / self.counts
+
+    def train(self, model, mode: bool) -> None:
+        """`model.train(mode)` without nn.Module's walk of the module tree each time: every module's
+        flag set from a list made once (when no module overrides `train`; else `model.train`)."""
+        if self.modules is None or self.modules[0] is not model:
+            modules = list(model.modules())
+            self.modules = (model, modules if all(type(m).train is torch.nn.Module.train for m in modules) else None)
+        if self.modules[1] is None:
+            model.train(mode)
+            return
+        for m in self.modules[1]:
+            m.training = mode
 
     @property
     def keys(self) -> list[str]:
@@ -160,6 +175,56 @@ def draw_epoch(generators, n_train, x_shape, noise_std, noise_shapes, steps, per
         stack(x_noise) if x_noise else None,
         {name: stack(ts) for name, ts in r_noise.items()},
     )
+
+
+AHEAD = 64  # replicates from which a CUDA run draws the next epoch in a thread while this epoch trains
+
+
+def draw_ahead(saver: Checkpointer, replicates: int, device: torch.device) -> bool:
+    """Whether `fit` draws each epoch ahead in a thread: many replicates on CUDA (the host waits for
+    the device once per epoch) and no checkpoint (it saves the generators: they must not run ahead).
+    Not on CPUs: at 1024 replicates on one torch thread the training loop and the drawing thread
+    fight over the GIL and training took longer (docs/speed.md)."""
+    return saver.path is None and replicates >= AHEAD and device.type == "cuda"
+
+
+class Draws:
+    """`draw_epoch` for each epoch in turn; with `ahead`, the next epoch's draws are made in a
+    background thread while this epoch trains (torch's ops release the GIL; at 1024 replicates
+    the draws are a thousand `randperm`s, milliseconds). The generators then run an epoch ahead
+    of the training loop, so `ahead` is only for runs that never save them (no checkpoint);
+    the draws, and their order, are those of drawing each epoch when it starts."""
+
+    def __init__(self, draw, ahead: bool):
+        self.draw, self.ahead = draw, ahead
+        self.thread, self.drawn = None, None
+
+    def __call__(self, more: bool):
+        """This epoch's draws; `more`: another epoch follows (drawn ahead when `ahead`)."""
+        drawn = self.wait() if self.thread is not None else self.draw()
+        if self.ahead and more:
+            self.thread = threading.Thread(target=self.run, daemon=True)
+            self.thread.start()
+        return drawn
+
+    def run(self) -> None:
+        try:
+            self.drawn = self.draw()
+        except BaseException as e:  # raised in the training loop by `wait`
+            self.drawn = e
+
+    def wait(self):
+        self.thread.join()
+        drawn, self.thread, self.drawn = self.drawn, None, None
+        if isinstance(drawn, BaseException):
+            raise drawn
+        return drawn
+
+    def close(self) -> None:
+        """Wait for a draw still in flight (training stopped early)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = self.drawn = None
 
 
 class LastFinite:
@@ -230,14 +295,16 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
         on_eval(epoch, metrics.to(task.x.device))
     saver.restore_extra()
     diverged = saver.diverged
+    draws = Draws(
+        lambda: draw_epoch(generators, n_train, task.x.shape[1:], task.noise, noise_shapes, steps, per_sample, task.x.device),
+        ahead=draw_ahead(saver, R, task.x.device),
+    )
     for epoch in range(start + 1, int(tr.epochs) + 1):
         progress = (epoch - 1) / max(1, int(tr.epochs) - 1)
         if method is not None:
             method.schedule(model, progress)
         epoch_loss = torch.zeros(R, device=task.x.device)
-        order, x_noise, r_noise = draw_epoch(
-            generators, n_train, task.x.shape[1:], task.noise, noise_shapes, steps, per_sample, task.x.device
-        )
+        order, x_noise, r_noise = draws(more=epoch < int(tr.epochs))
         rows = train_rows[order]  # [R, n_train]
         x_epoch = task.x[rows] if x_noise is None else task.x[rows] + x_noise  # the epoch's inputs, gathered once
         xs, ys, ids = (t.split(batch, 1) for t in (x_epoch, task.y[rows], task.task_id[rows]))
@@ -280,6 +347,7 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
             on_eval(epoch, metrics)
         if epoch < int(tr.epochs):
             saver.save(epoch)
+    draws.close()  # training stopped early: the draw made ahead is not used (an exception leaves the thread to end alone)
     last_finite.restore()
     return diverged
 

@@ -15,6 +15,7 @@ COVERED = [
     ["experiment=modular", "model.hidden=[5,7]", "router.topk=3", "task.noise=0.1"],  # deeper modules, arity 3
     ["experiment=mlp", "trainer.batch_size=5"],
     ["experiment=modular", "router.tau=0.5", "optimizer.lr=0.05"],  # a temperature: gradients divided by it
+    ["experiment=modular", "model.widen=4", "model.hidden=[40]"],  # products over torch's small-bmm bound: BLAS
 ]
 
 
