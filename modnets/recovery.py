@@ -51,10 +51,15 @@ def gate_table(op: str, k: int) -> np.ndarray:
 
 def separates(outputs: np.ndarray, bits: np.ndarray) -> bool:
     """True when some threshold splits `outputs` [2^k] into exactly the rows where `bits` is 1 (or 0)."""
-    ones, zeros = outputs[bits == 1], outputs[bits == 0]
-    if len(ones) == 0 or len(zeros) == 0:
-        return True
-    return bool(ones.min() > zeros.max() or ones.max() < zeros.min())
+    return bool(separates_all(outputs, bits))
+
+
+def separates_all(outputs: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """`separates` of many output rows [..., 2^k] at once."""
+    ones, zeros = outputs[..., bits == 1], outputs[..., bits == 0]
+    if ones.shape[-1] == 0 or zeros.shape[-1] == 0:
+        return np.ones(outputs.shape[:-1], bool)
+    return (ones.min(-1) > zeros.max(-1)) | (ones.max(-1) < zeros.min(-1))
 
 
 def assign(cost: np.ndarray, maximize: bool = False) -> np.ndarray:
@@ -277,25 +282,6 @@ def output_hits(outputs: np.ndarray, true_outputs, perms, true_widths, skip_outp
     return (np.take_along_axis(to_truth, outputs[:, :n], 1) == np.asarray(true_outputs[:n])).sum(1)
 
 
-def separates_all(outputs: np.ndarray, bits: np.ndarray) -> np.ndarray:
-    """`separates` of many output rows [..., 2^k] at once."""
-    ones, zeros = outputs[..., bits == 1], outputs[..., bits == 0]
-    if ones.shape[-1] == 0 or zeros.shape[-1] == 0:
-        return np.ones(outputs.shape[:-1], bool)
-    return (ones.min(-1) > zeros.max(-1)) | (ones.max(-1) < zeros.min(-1))
-
-
-def slot_assignment(pairs: list[tuple[int, int]], n_slots: int) -> float:
-    """Fraction of true slots whose (learned module, true module) agree under the best relabelling."""
-    if not pairs:
-        return 0.0
-    counts = np.zeros((1, max(p[0] for p in pairs) + 1, max(p[1] for p in pairs) + 1))
-    for learned, true in pairs:
-        counts[0, learned, true] += 1
-    cols = assign(counts, maximize=True)[0]
-    return float(counts[0, cols >= 0, cols[cols >= 0]].sum() / n_slots)
-
-
 @torch.no_grad()
 def bank_tables(model) -> list[np.ndarray]:
     """Per layer (one entry for a shared library): every replicate's modules' outputs on {0,1}^k, [R, n, 2^k]."""
@@ -308,12 +294,6 @@ def bank_tables(model) -> list[np.ndarray]:
         x = x[None, :, None, :].expand(R, -1, n, -1)
         per_bank.append(bank(x).squeeze(-1).transpose(1, 2).cpu().numpy())  # [R, n, 2^k]
     return per_bank
-
-
-def module_tables(model) -> list[list[np.ndarray]]:
-    """Per replicate, per layer (one entry for a shared library): each module's output on {0,1}^k."""
-    per_bank = bank_tables(model)
-    return [[b[r] for b in per_bank] for r in range(per_bank[0].shape[0])]
 
 
 def applicable(model, task) -> bool:
