@@ -17,7 +17,6 @@ if __name__ == "__main__":  # `python -m modnets.train` is the `modnets-train` c
 
 import math
 import os
-import threading
 import time
 from itertools import chain, repeat
 from pathlib import Path
@@ -48,6 +47,7 @@ from modnets.config import (
 from modnets.contracts import Model
 from modnets.models import count_flops, count_parameters, parameter_groups
 from modnets.optim import ExponentialLR
+from modnets.permutations import Permutations
 from modnets.results import (
     FolderBusy,
     RunError,
@@ -177,54 +177,17 @@ def draw_epoch(generators, n_train, x_shape, noise_std, noise_shapes, steps, per
     )
 
 
-AHEAD = 64  # replicates from which a CUDA run draws the next epoch in a thread while this epoch trains
+MANY = 64  # replicates from which the minibatch orders are drawn all at once (modnets.permutations)
 
 
-def draw_ahead(saver: Checkpointer, replicates: int, device: torch.device) -> bool:
-    """Whether `fit` draws each epoch ahead in a thread: many replicates on CUDA (the host waits for
-    the device once per epoch) and no checkpoint (it saves the generators: they must not run ahead).
-    Not on CPUs: at 1024 replicates on one torch thread the training loop and the drawing thread
-    fight over the GIL and training took longer (docs/speed.md)."""
-    return saver.path is None and replicates >= AHEAD and device.type == "cuda"
-
-
-class Draws:
-    """`draw_epoch` for each epoch in turn; with `ahead`, the next epoch's draws are made in a
-    background thread while this epoch trains (torch's ops release the GIL; at 1024 replicates
-    the draws are a thousand `randperm`s, milliseconds). The generators then run an epoch ahead
-    of the training loop, so `ahead` is only for runs that never save them (no checkpoint);
-    the draws, and their order, are those of drawing each epoch when it starts."""
-
-    def __init__(self, draw, ahead: bool):
-        self.draw, self.ahead = draw, ahead
-        self.thread, self.drawn = None, None
-
-    def __call__(self, more: bool):
-        """This epoch's draws; `more`: another epoch follows (drawn ahead when `ahead`)."""
-        drawn = self.wait() if self.thread is not None else self.draw()
-        if self.ahead and more:
-            self.thread = threading.Thread(target=self.run, daemon=True)
-            self.thread.start()
-        return drawn
-
-    def run(self) -> None:
-        try:
-            self.drawn = self.draw()
-        except BaseException as e:  # raised in the training loop by `wait`
-            self.drawn = e
-
-    def wait(self):
-        self.thread.join()
-        drawn, self.thread, self.drawn = self.drawn, None, None
-        if isinstance(drawn, BaseException):
-            raise drawn
-        return drawn
-
-    def close(self) -> None:
-        """Wait for a draw still in flight (training stopped early)."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = self.drawn = None
+def orders_at_once(generators: list[torch.Generator], n_train: int, plain: bool) -> Permutations | None:
+    """The replicates' minibatch orders drawn all at once (`Permutations`: the numbers of one
+    `torch.randperm` per replicate, 3-4 times faster from 1024 replicates) when that pays and is
+    exact: 64+ replicates, `plain` (nothing else to draw: no input or router noise, and no
+    checkpoint, which saves the generators), generators whose states it can read. Else None."""
+    if plain and len(generators) >= MANY and Permutations.usable(generators, n_train):
+        return Permutations(generators)
+    return None
 
 
 class LastFinite:
@@ -295,16 +258,19 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
         on_eval(epoch, metrics.to(task.x.device))
     saver.restore_extra()
     diverged = saver.diverged
-    draws = Draws(
-        lambda: draw_epoch(generators, n_train, task.x.shape[1:], task.noise, noise_shapes, steps, per_sample, task.x.device),
-        ahead=draw_ahead(saver, R, task.x.device),
-    )
+    plain = task.noise <= 0 and not noise_shapes and saver.path is None
+    orders = orders_at_once(generators, n_train, plain)
     for epoch in range(start + 1, int(tr.epochs) + 1):
         progress = (epoch - 1) / max(1, int(tr.epochs) - 1)
         if method is not None:
             method.schedule(model, progress)
         epoch_loss = torch.zeros(R, device=task.x.device)
-        order, x_noise, r_noise = draws(more=epoch < int(tr.epochs))
+        if orders is not None:  # what draw_epoch would draw, all replicates at once
+            order, x_noise, r_noise = orders(n_train).to(task.x.device), None, {}
+        else:
+            order, x_noise, r_noise = draw_epoch(
+                generators, n_train, task.x.shape[1:], task.noise, noise_shapes, steps, per_sample, task.x.device
+            )
         rows = train_rows[order]  # [R, n_train]
         x_epoch = task.x[rows] if x_noise is None else task.x[rows] + x_noise  # the epoch's inputs, gathered once
         xs, ys, ids = (t.split(batch, 1) for t in (x_epoch, task.y[rows], task.task_id[rows]))
@@ -347,7 +313,8 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
             on_eval(epoch, metrics)
         if epoch < int(tr.epochs):
             saver.save(epoch)
-    draws.close()  # training stopped early: the draw made ahead is not used (an exception leaves the thread to end alone)
+    if orders is not None:
+        orders.sync()  # the generators as the replicates' own randperm calls would have left them
     last_finite.restore()
     return diverged
 

@@ -212,7 +212,7 @@ def step_costs(preset: str, replicates: int, threads: int | None, repeats: int, 
     import torch.nn.functional as F
 
     from modnets.step import hand_step
-    from modnets.train import Evaluator, build, draw_epoch
+    from modnets.train import Evaluator, build, draw_epoch, orders_at_once
 
     with tempfile.TemporaryDirectory() as out:
         cfg = compose(f"experiment={preset}", f"trainer.replicates={replicates}", f"trainer.threads={threads or 'null'}",
@@ -221,6 +221,7 @@ def step_costs(preset: str, replicates: int, threads: int | None, repeats: int, 
     task, model, optimizer = b.task, b.model, b.optimizer
     hand, evaluator = hand_step(model, getattr(model, "routing", None)), Evaluator(task, int(cfg.trainer.eval_batch_size))
     idx = task.splits["train"][: int(cfg.trainer.batch_size)].expand(replicates, -1)
+    n_train = len(task.splits["train"])
     x, task_id, y = task.x[idx], task.task_id[idx], task.y[idx]
 
     def autograd():
@@ -234,8 +235,10 @@ def step_costs(preset: str, replicates: int, threads: int | None, repeats: int, 
 
     parts = {"forward + gradients, through autograd": autograd, "forward + gradients, by hand (modnets.step)": by_hand,
              "optimizer step": optimizer.step, "evaluation of every split (once per epoch)": lambda: evaluator(model, replicates),
-             "random draws of one epoch (host, per replicate)": lambda: draw_epoch(
-                 b.generators, len(task.splits["train"]), task.x.shape[1:], 0.0, {}, 1, False, task.x.device)}
+             "random draws of one epoch (torch, per replicate)": lambda: draw_epoch(
+                 b.generators, n_train, task.x.shape[1:], 0.0, {}, 1, False, task.x.device)}
+    if (orders := orders_at_once(b.generators, n_train, plain=True)) is not None:  # as `fit` draws them from 64 replicates
+        parts["random draws of one epoch (all replicates at once)"] = lambda: orders(n_train).to(task.x.device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     ms = {}
     for name, fn in parts.items():

@@ -1,10 +1,10 @@
-"""The training loop's per-epoch parts (modnets.train): draws made ahead in a thread, evaluation."""
+"""The training loop's per-epoch parts (modnets.train): the random draws, evaluation."""
 
 import pytest
 import torch
 
 import modnets.train
-from modnets.train import Draws, Evaluator, build, draw_epoch, fit
+from modnets.train import Evaluator, build, draw_epoch, fit
 
 
 def train(cfg):
@@ -14,48 +14,33 @@ def train(cfg):
     return torch.stack(history), [p.detach().clone() for p in b.model.parameters()], b.generators
 
 
-@pytest.mark.parametrize("overrides", [["experiment=modular"], ["experiment=modular_gumbel", "task.noise=0.1"]])
-def test_draws_made_ahead_are_the_draws_made_in_turn(cfg_in, monkeypatch, overrides):
-    """A run whose next epoch is drawn in a thread trains exactly as one drawing each epoch when it starts."""
+@pytest.mark.parametrize("overrides", [["experiment=modular"], ["experiment=mlp"]])
+def test_orders_drawn_at_once_train_as_one_randperm_per_replicate(cfg_in, monkeypatch, overrides):
+    """A run whose minibatch orders come from modnets.permutations trains exactly as one calling
+    torch.randperm per replicate, and leaves the generators in the same states."""
     made = []
-    monkeypatch.setattr(modnets.train, "AHEAD", 4)
-    monkeypatch.setattr(modnets.train, "draw_ahead", lambda *a: made.append(True) or True)
-    cfg = cfg_in(*overrides, "trainer.replicates=4", "trainer.epochs=4", "trainer.device=cpu")
-    ahead, params, generators = train(cfg)
-    assert made
-    monkeypatch.setattr(modnets.train, "draw_ahead", lambda *a: False)
+    at_once = modnets.train.orders_at_once
+    monkeypatch.setattr(modnets.train, "orders_at_once", lambda *a: made.append(at_once(*a)) or made[-1])
+    monkeypatch.setattr(modnets.train, "MANY", 2)
+    cfg = cfg_in(*overrides, "trainer.replicates=3", "trainer.epochs=14", "trainer.device=cpu")  # 14 x 50 draws: a twist
+    fast, params, generators = train(cfg)
+    assert made[-1] is not None
+    monkeypatch.setattr(modnets.train, "MANY", 10**9)
     in_turn, params_in_turn, generators_in_turn = train(cfg)
-    assert torch.equal(ahead, in_turn)
+    assert made[-1] is None
+    assert torch.equal(fast, in_turn)
     for p, q in zip(params, params_in_turn, strict=True):
         assert torch.equal(p, q)
-    for g, h in zip(generators, generators_in_turn, strict=True):  # the last epoch draws nothing ahead
+    for g, h in zip(generators, generators_in_turn, strict=True):
         assert torch.equal(g.get_state(), h.get_state())
 
 
-def test_draws_ahead_only_on_cuda_without_a_checkpoint(cfg_in):
-    b = build(cfg_in("experiment=modular", "trainer.replicates=64", "trainer.device=cpu"))
-    saver = modnets.train.Checkpointer(cfg_in("trainer.checkpoint_every=0"), b.model, b.optimizer, b.scheduler, b.generators)
-    cuda = torch.device("cuda")  # only its type is read
-    assert modnets.train.draw_ahead(saver, 64, cuda)
-    assert not modnets.train.draw_ahead(saver, 8, cuda)
-    assert not modnets.train.draw_ahead(saver, 64, torch.device("cpu"))
-    saver = modnets.train.Checkpointer(cfg_in("trainer.checkpoint_every=5"), b.model, b.optimizer, b.scheduler, b.generators)
-    assert not modnets.train.draw_ahead(saver, 64, cuda)  # the checkpoint saves the generators at epoch ends
-
-
-def test_a_failed_draw_ahead_is_raised_in_the_loop():
-    calls = []
-
-    def draw():
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("boom")
-        return len(calls)
-
-    draws = Draws(draw, ahead=True)
-    assert draws(more=True) == 1
-    with pytest.raises(RuntimeError, match="boom"):
-        draws(more=False)
+def test_orders_are_drawn_at_once_only_when_nothing_else_is_drawn(cfg_in, monkeypatch):
+    monkeypatch.setattr(modnets.train, "MANY", 2)
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    assert modnets.train.orders_at_once(gens, 51, plain=True) is not None
+    assert modnets.train.orders_at_once(gens, 51, plain=False) is None  # noise or a checkpoint: torch draws
+    assert modnets.train.orders_at_once(gens[:1], 51, plain=True) is None  # fewer than MANY replicates
 
 
 def test_draw_epoch_of_a_replicate_is_the_draw_of_its_single_run():
