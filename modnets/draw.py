@@ -483,10 +483,23 @@ def drawn_content(p: dict, task_marks_: list[dict]) -> str:
     return repr((p["routing"], shown, [tm["output_marks"] for tm in task_marks_], p["title"]))
 
 
+def draw_changed(result: dict, path, drawn: str | None) -> str | None:
+    """Draw the picture of `result` to `path` unless `drawn`, what the file there shows (as
+    `drawn_content`), is already what it would show; returns what it shows (None: no picture)."""
+    p = picture_of(result)
+    if p is None:
+        return None
+    task_marks_ = marks(p)
+    key = drawn_content(p, task_marks_)
+    if key != drawn:
+        render(scene(p, task_marks_), path)
+    return key
+
+
 class Pictures:
     """`logger.pictures`: circuit.png in each run folder at the end, and the picture logged to the
     W&B run at checkpoints during training (the trainer calls `checkpoint` at every other recovery
-    checkpoint; redrawn only when what it shows changed, else the last file is logged again) and
+    checkpoint; the W&B worker draws these, redrawing only when what a picture shows changed) and
     at the end. Off (Pillow never imported) when disabled, for models without routed modules and
     when Pillow is missing (one warning). Only the first `limit` replicates of a run get pictures
     (`logger.max_pictures`: a picture costs about 15 ms, 1024 seeds would spend seconds drawing);
@@ -500,22 +513,20 @@ class Pictures:
         self.drawn: dict[Path, str] = {}
 
     def checkpoint(self, model, task, epoch: int) -> None:
+        """The W&B pictures during training: the results they show, sent to the W&B worker, which
+        draws them (`log_picture`), so that the training process does not spend ~15 ms a picture."""
         if not self.on or not any(getattr(run, "live", False) for run in self.runs):
             return
         modules = modules_json(model, task.circuits)
         for d, run, routing, mods, config in zip(self.dirs, self.runs, model.routing_summary(), modules, self.configs):
             if getattr(run, "live", False) and d in self.pictured:
                 result = {"routing": routing, "modules": mods, "circuits": self.circuits, "config": config}
-                run.log_image("circuit", self.picture(result, d), step=epoch)
+                run.log_picture("circuit", result, step=epoch)
 
     def picture(self, result: dict, d: Path) -> Path:
         """d/circuit.png of this result, drawn unless the last one drawn there shows the same."""
-        p = picture_of(result)
-        task_marks_ = marks(p)
-        key, path = drawn_content(p, task_marks_), d / "circuit.png"
-        if self.drawn.get(d) != key or not path.exists():
-            render(scene(p, task_marks_), path)
-            self.drawn[d] = key
+        path = d / "circuit.png"
+        self.drawn[d] = draw_changed(result, path, self.drawn.get(d) if path.exists() else None)
         return path
 
     def finish(self, result: dict, d: Path, run, step: int) -> None:

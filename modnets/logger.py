@@ -114,6 +114,9 @@ class _NullRun:
     def log_table(self, key, columns, rows, step):
         pass
 
+    def log_picture(self, key, result, step):
+        pass
+
     def finish(self, summary=None):
         pass
 
@@ -142,6 +145,11 @@ class _Run:
         except OSError as e:
             return self.logger._warn(f"W&B failed (cannot read image {path}: {e})")
         self.logger._send({"op": "log", "run": self.index, "data": {key: {"__image__": data}}, "step": step})
+
+    def log_picture(self, key: str, result: dict, step: int) -> None:
+        """The circuit picture of `result` (what `modnets.draw.picture_of` reads: routing, modules,
+        circuits, config), drawn by the worker: the training process spends no time drawing."""
+        self.logger._send({"op": "log", "run": self.index, "data": {key: {"__picture__": result}}, "step": step})
 
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
         table = {"__table__": {"columns": list(columns), "rows": rows}}
@@ -295,6 +303,7 @@ def _serve() -> None:
     print one JSON line {"started": [run ids], "warning": first failure or null} (and one after
     each `report` message, with what started so far)."""
     runs, started, warning = {}, [], None
+    pictures: dict[int, dict] = {}  # per run, per key: (what the last picture drawn shows, its file)
     try:
         wandb = _import_wandb()
         wandb.setup()  # W&B's service starts now, before the first run's config arrives
@@ -314,7 +323,8 @@ def _serve() -> None:
                 runs[index] = _init(wandb, message["kwargs"], message["timeouts"])
                 started.append(runs[index].id)
             elif op == "log" and index in runs:
-                runs[index].log(_decode(wandb, message["data"], spool), step=message["step"])
+                drawn = pictures.setdefault(index, {})
+                runs[index].log(_decode(wandb, message["data"], spool, drawn), step=message["step"])
             elif op == "rows" and index in runs:
                 _log_rows(runs[index], message["rows"])
             elif op == "finish" and index in runs:
@@ -435,12 +445,25 @@ def _cache_git(wandb) -> None:
     gitlib.run_git = run_git
 
 
-def _decode(wandb, data: dict, spool: Path) -> dict:
+def _decode(wandb, data: dict, spool: Path, drawn: dict) -> dict:
     """Images (PNG bytes, base64; spooled to files that live until the worker ends, as W&B reads
-    them when it writes the step) and tables back into W&B's objects; everything else as it is."""
+    them when it writes the step), circuit pictures (drawn here, into the spool, unless the run's
+    last picture under that key shows the same: `drawn`) and tables back into W&B's objects;
+    everything else as it is."""
     out = {}
     for key, value in data.items():
-        if isinstance(value, dict) and "__image__" in value:
+        if isinstance(value, dict) and "__picture__" in value:
+            from modnets.draw import draw_changed  # Pillow and numpy, not torch
+
+            last, _ = drawn.get(key, (None, None))
+            fresh = spool / f"{secrets.token_hex(8)}-{key.replace('/', '_')}.png"  # a new file: W&B may not have read the last
+            shown = draw_changed(value["__picture__"], fresh, last)
+            if shown is None:
+                continue
+            if shown != last:
+                drawn[key] = (shown, fresh)
+            value = wandb.Image(str(drawn[key][1]))
+        elif isinstance(value, dict) and "__image__" in value:
             path = spool / f"{secrets.token_hex(8)}-{key.replace('/', '_')}.png"
             path.write_bytes(base64.b64decode(value["__image__"]))
             value = wandb.Image(str(path))

@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from modnets.circuits import GATES, Circuit
+
+if TYPE_CHECKING:  # torch is imported where a model is measured: the W&B worker draws pictures without it
+    import torch
 
 
 @functools.cache
@@ -282,17 +285,19 @@ def output_hits(outputs: np.ndarray, true_outputs, perms, true_widths, skip_outp
     return (np.take_along_axis(to_truth, outputs[:, :n], 1) == np.asarray(true_outputs[:n])).sum(1)
 
 
-@torch.no_grad()
 def bank_tables(model) -> list[np.ndarray]:
     """Per layer (one entry for a shared library): every replicate's modules' outputs on {0,1}^k, [R, n, 2^k]."""
+    import torch
+
     k = int(model.routers[0].k)
     banks = [model.bank] if model.shared else list(model.banks)
     per_bank = []
-    for bank in banks:
-        R, n = bank.weights[0].shape[:2]
-        x = torch.from_numpy(binary_rows(k)).float().to(bank.weights[0].device)
-        x = x[None, :, None, :].expand(R, -1, n, -1)
-        per_bank.append(bank(x).squeeze(-1).transpose(1, 2).cpu().numpy())  # [R, n, 2^k]
+    with torch.no_grad():
+        for bank in banks:
+            R, n = bank.weights[0].shape[:2]
+            x = torch.from_numpy(binary_rows(k)).float().to(bank.weights[0].device)
+            x = x[None, :, None, :].expand(R, -1, n, -1)
+            per_bank.append(bank(x).squeeze(-1).transpose(1, 2).cpu().numpy())  # [R, n, 2^k]
     return per_bank
 
 
@@ -331,14 +336,16 @@ def gate_values(circuit: Circuit, x: np.ndarray) -> np.ndarray:
     return np.concatenate(values, 1)
 
 
-@torch.no_grad()
 def sub_functions(model, task) -> list[float]:
     """Per replicate, the mean over circuits of the fraction of its gates that some module computes
     (up to negation) on the rows of the circuit's task, with the hard (evaluation) routing."""
+    import torch
+
     R = model.routers[0].logits.shape[0]
     was = model.training
     model.eval()
-    outputs = torch.cat(model.layers(task.x.expand(R, *task.x.shape), task.task_id.expand(R, -1)), 2)  # [R, rows, M]
+    with torch.no_grad():
+        outputs = torch.cat(model.layers(task.x.expand(R, *task.x.shape), task.task_id.expand(R, -1)), 2)  # [R, rows, M]
     model.train(was)
     per_circuit = []
     for t, c in enumerate(task.circuits):
@@ -356,6 +363,8 @@ def sub_functions(model, task) -> list[float]:
 
 def extremes(outputs: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max over the given rows of outputs [R, rows, M]: [R, M] each (no rows: inf and -inf)."""
+    import torch
+
     if len(rows) == 0:
         inf = torch.full(outputs[:, 0].shape, float("inf"), device=outputs.device)
         return inf, -inf

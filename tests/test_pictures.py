@@ -172,8 +172,12 @@ def read_wandb_file(run_dir: Path) -> list:
     return out
 
 
-def test_offline_wandb_run_holds_the_metrics_the_pictures_and_the_module_table(cfg_in, tmp_path):
+def test_offline_wandb_run_holds_the_metrics_the_pictures_and_the_module_table(cfg_in, tmp_path, monkeypatch):
+    rendered = []
+    render = draw.render
+    monkeypatch.setattr(draw, "render", lambda s, path, *a: rendered.append(path) or render(s, path, *a))
     run(cfg_in("experiment=modular", "trainer.epochs=20", "logger.mode=offline"))
+    assert rendered == [tmp_path / "run" / "circuit.png"]  # this process draws the end's; the W&B worker the others
     (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     history, config = [], {}
     for record in wandb_records(run_dir):
@@ -226,6 +230,12 @@ def test_the_training_process_never_imports_matplotlib_and_pictures_false_draws_
     (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     images = list((run_dir / "files" / "media" / "images").glob("circuit_*.png"))
     assert len(images) == (2 if pictures else 0)  # epoch 2 (every other recovery checkpoint) and the end
+
+
+def test_the_w_and_b_worker_draws_pictures_without_importing_torch():
+    code = "import sys, modnets.draw, modnets.logger; print('torch' in sys.modules)"
+    proc = python(code)
+    assert proc.returncode == 0 and proc.stdout.split() == ["False"], proc.stderr[-2000:]
 
 
 def test_without_pillow_one_warning_names_the_fix_and_the_run_completes(tmp_path):
