@@ -435,14 +435,23 @@ def draw_shapes(d, s: Scene, at, pt: float) -> None:
         d.rectangle((cx - 1.1 * r, cy - 1.1 * r, cx + 1.1 * r, cy + 1.1 * r), fill=colour)
 
 
+@functools.lru_cache(maxsize=4096)
+def text_box(text: str, pixels: int) -> tuple[int, int, int, int]:
+    """`ImageDraw.textbbox((0, 0), text)` of an RGB picture in the built-in font at this size: the
+    same labels come back in every picture, and measuring one costs as much as drawing it."""
+    from PIL import Image, ImageDraw
+
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font(pixels))
+
+
 def draw_texts(d, s: Scene, at, pt: float) -> None:
     """Every text, vertically centred on its point and aligned left, centre or right of it. The
     built-in font has no "¬": a complemented gate ("¬MAJ") is drawn with a bar over its name."""
     for x, y, text, points, colour, align in s.texts:
-        f, bar = font(max(7, round(points * pt))), text.startswith("¬")
-        text = text.removeprefix("¬")
-        x0, _, x1, _ = d.textbbox((0, 0), text, font=f)
-        top, bottom = d.textbbox((0, 0), "X0", font=f)[1::2]  # the same baseline for every text of a size
+        pixels, bar = max(7, round(points * pt)), text.startswith("¬")
+        f, text = font(pixels), text.removeprefix("¬")
+        x0, _, x1, _ = text_box(text, pixels)
+        top, bottom = text_box("X0", pixels)[1::2]  # the same baseline for every text of a size
         cx, cy = at(x, y)
         left = cx - {"left": 0, "center": (x1 - x0) / 2, "right": x1 - x0}[align]
         d.text((left - x0, cy - (top + bottom) / 2), text, font=f, fill=colour)

@@ -81,6 +81,24 @@ def test_batched_rows_are_the_records_run_log_writes(tmp_path, odd):
     assert sorted(expected) == [1, 2, 4, 7] and expected[7]["loss"] == 1.0 / 7 and expected[2]["exact"] is True
 
 
+def test_history_texts_are_the_texts_w_and_b_writes_for_each_value():
+    """The batched rows' `value_json` is, byte for byte, what W&B's history encoder writes for
+    each value alone (the installed wandb's encoder: pydantic-core's or the standard library's)."""
+    import random
+    import struct
+
+    from wandb.util import json_dumps_safer_history
+
+    from modnets.logger import _number_texts
+
+    rng = random.Random(0)
+    values = [0.0, -0.0, 1 / 3, 7.579544029403025e-05, 1e-300, 5e-324, 1e300, float("nan"), float("inf"),
+              float("-inf"), 0, -5, 2**63, True, False]
+    values += [struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0] for _ in range(2000)]
+    values += [rng.random() * 10 ** rng.randint(-30, 30) for _ in range(2000)]
+    assert list(_number_texts(values)) == [json_dumps_safer_history(v) for v in values]
+
+
 def test_the_selected_run_shares_the_replicates_worker(cfg_in, tmp_path, monkeypatch):
     import subprocess
 
