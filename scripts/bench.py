@@ -100,7 +100,7 @@ TARGETS = [
     ("train_1", "  of which training", 1.0, "s"),
     ("step_1", "  per step at batch 8", 0.7, "ms"),
     ("cli_32_offline", "32 replicates, W&B offline: end to end", 6.0, "s"),
-    ("wandb_per_run", "  W&B per replicate run (offline minus disabled, / 32)", 50.0, "ms"),
+    ("wandb_per_run", "  W&B per replicate run (offline minus disabled, / 32, in pairs)", 50.0, "ms"),
     ("cli_1024_disabled", "1024 replicates, W&B off: end to end", 20.0, "s"),
     ("outside_1024", "  outside training (build, results, recovery, writing files)", 3.0, "s"),
 ]
@@ -159,7 +159,11 @@ def compose_seconds() -> float:
 
 def median_of(repeats: int, fn) -> dict:
     """Per key, the median over `repeats` calls of fn() (a dict of numbers, or of dicts of numbers)."""
-    runs = [fn() for _ in range(repeats)]
+    return medians([fn() for _ in range(repeats)])
+
+
+def medians(runs: list[dict]) -> dict:
+    """Per key, the median over the runs (dicts of numbers, or of dicts of numbers)."""
     med = lambda values: statistics.median(values)  # noqa: E731
     return {
         k: {j: med([r[k][j] for r in runs]) for j in v} if isinstance(v, dict) else med([r[k] for r in runs])
@@ -300,12 +304,14 @@ def targets(repeats: int, threads: int | None) -> list[dict]:
     """Measure every target (medians of `repeats`) and print it beside its limit."""
     one = median_of(repeats, lambda: cli_run(1, "offline", threads))
     steps = 200 * math.ceil(51 / 8)  # the modular preset: 200 epochs of 51 training rows at batch 8
-    off32 = median_of(repeats, lambda: cli_run(32, "disabled", threads))
-    on32 = median_of(repeats, lambda: cli_run(32, "offline", threads))
+    # W&B off and on back to back, so that the machine's drift (minutes) cancels from each difference
+    pairs = [(cli_run(32, "disabled", threads), cli_run(32, "offline", threads)) for _ in range(repeats)]
+    on32 = medians([o for _, o in pairs])
+    per_run = lambda key: statistics.median((o[key] - d[key]) / 32 * 1e3 for d, o in pairs)  # noqa: E731
     big = median_of(max(1, repeats // 2), lambda: cli_run(1024, "disabled", threads))
     measured = {
         "cli_1_offline": one["wall"], "train_1": one["train"], "step_1": one["train"] / steps * 1e3,
-        "cli_32_offline": on32["wall"], "wandb_per_run": (on32["wall"] - off32["wall"]) / 32 * 1e3,
+        "cli_32_offline": on32["wall"], "wandb_per_run": per_run("wall"),
         "cli_1024_disabled": big["wall"], "outside_1024": big["inside"] - big["train"] + big["writing"],
     }
     rows = []
@@ -314,7 +320,7 @@ def targets(repeats: int, threads: int | None) -> list[dict]:
         value = measured[key]
         rows.append({"target": key, "measured": round(value, 3), "limit": limit, "unit": unit, "met": value <= limit})
         print(f"{what:<62} {value:>7.2f}{unit:>2} {limit:>5.1f}{unit:>2}  {'yes' if value <= limit else 'NO'}")
-    wandb_cpu = (on32["cpu"] - off32["cpu"]) / 32 * 1e3  # not a target: the W&B work itself, on any core
+    wandb_cpu = per_run("cpu")  # not a target: the W&B work itself, on any core
     print(f"{'  (W&B CPU per replicate run: worker + service, offline minus disabled)':<62} {wandb_cpu:>7.2f}ms")
     rows.append({"target": "wandb_cpu_per_run", "measured": round(wandb_cpu, 3), "limit": None, "unit": "ms", "met": None})
     return rows
