@@ -15,7 +15,7 @@ numbers from copies of the generators' states, all replicates at once with numpy
 
 `sync()` writes the advanced states back into the generators (nothing else of them changes), so
 afterwards they are what R `torch.randperm` calls would have left. `tests/test_permutations.py`
-checks both against torch for many seeds, sizes and twists. `Permutations.usable` is False for
+checks both against torch for many seeds, sizes and twists. `Permutations.of` gives None for
 generators it cannot read this way (another layout, replicates at different points of their
 streams); callers then draw with torch.
 """
@@ -38,37 +38,38 @@ def _fields(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _remainder(y: np.ndarray, d: np.ndarray) -> np.ndarray:
     """y % d for 32-bit y and 0 < d < 2**32 (int64), through float64 division, which is faster than
-    integer division: y / d rounded once cannot reach the next integer, since it is at least 1 / d
-    below it and 1 / d > y * 2**-53."""
+    integer division and exact here: when d does not divide y, y / d is at least 1 / d below the
+    next integer, and its rounding error, at most y / d * 2**-53, is less than that (y < 2**53)."""
     y = y.astype(np.int64)
     return y - np.floor(y / d).astype(np.int64) * d
 
 
 class Permutations:
-    """The Mersenne Twister states of `generators`, advanced together by `__call__(n)`."""
+    """The Mersenne Twister states of `generators` ([R, STATE_BYTES] bytes, as `get_state()` gives
+    them), advanced together by `__call__(n)`. Made by `of`."""
 
-    def __init__(self, generators: list[torch.Generator]):
-        self.generators = generators
-        self.raw = np.stack([g.get_state().numpy() for g in generators])  # [R, STATE_BYTES] uint8
-        left, next_ = _fields(self.raw)
+    def __init__(self, generators: list[torch.Generator], raw: np.ndarray):
+        self.generators, self.raw = generators, raw
+        left, next_ = _fields(raw)
         self.left, self.next = int(left[0]), int(next_[0])
-        self.words = self.raw[:, WORDS].copy().view(np.uint64).T.astype(np.uint32)  # [N, R]: a word of every replicate in a row
+        self.words = raw[:, WORDS].copy().view(np.uint64).T.astype(np.uint32)  # [N, R]: a word of every replicate in a row
         self.rows = np.arange(len(generators))
 
-    @staticmethod
-    def usable(generators: list[torch.Generator], n: int) -> bool:
-        """Whether these generators' states can be read as above: CPU generators with the layout
-        of this torch, all at the same point of their streams (as the replicates of one run are)."""
+    @classmethod
+    def of(cls, generators: list[torch.Generator], n: int) -> Permutations | None:
+        """Permutations of n for these generators, or None where their states cannot be read as
+        above: not CPU generators, another layout, replicates at different points of their
+        streams (those of one run never are), or n too large for torch's small-n algorithm."""
         if not generators or n >= 2**32 // 20 or any(g.device.type != "cpu" for g in generators):
-            return False
+            return None
         states = [g.get_state() for g in generators]
         if any(s.dtype != torch.uint8 or s.numel() != STATE_BYTES for s in states):
-            return False
+            return None
         raw = np.stack([s.numpy() for s in states])
         left, next_ = _fields(raw)
         words_fit = bool((raw[:, WORDS].copy().view(np.uint64) < 2**32).all())
         same = bool((left == left[0]).all() and (next_ == next_[0]).all())
-        return words_fit and same and 1 <= int(left[0]) <= N + 1 and int(next_[0]) <= N
+        return cls(generators, raw) if words_fit and same and 1 <= left[0] <= N + 1 and next_[0] <= N else None
 
     def _twist(self) -> None:
         """MT19937's next state (the reference `genrand` loop, in three slices whose sources are

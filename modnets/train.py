@@ -185,9 +185,7 @@ def orders_at_once(generators: list[torch.Generator], n_train: int, plain: bool)
     `torch.randperm` per replicate, 3-4 times faster from 1024 replicates) when that pays and is
     exact: 64+ replicates, `plain` (nothing else to draw: no input or router noise, and no
     checkpoint, which saves the generators), generators whose states it can read. Else None."""
-    if plain and len(generators) >= MANY and Permutations.usable(generators, n_train):
-        return Permutations(generators)
-    return None
+    return Permutations.of(generators, n_train) if plain and len(generators) >= MANY else None
 
 
 class LastFinite:
