@@ -227,6 +227,45 @@ class LastFinite:
         self.kept = {int(r): [t.to(s.device) for t, s in zip(ts, self.snapshot)] for r, ts in state["kept"].items()}
 
 
+def autograd_step(model, batch: tuple, progress: float) -> torch.Tensor:
+    """Forward and gradients of one minibatch through autograd, for models the hand step does not
+    cover (modnets.step): batch = (x, y, task ids, router noise). Every replicate's mean loss [R]."""
+    x, y, task_id, noise = batch
+    method = getattr(model, "routing", None)  # the router method's extra loss terms
+    per_output = F.binary_cross_entropy_with_logits(model(x, task_id, noise), y, reduction="none")
+    losses = per_output.mean((1, 2))
+    extra = method.loss(model, per_output, progress) if method is not None else None
+    (losses.sum() if extra is None else losses.sum() + extra.sum()).backward()
+    return losses
+
+
+class Divergence:
+    """The replicates whose training loss (or last evaluation) went NaN or inf: {replicate: epoch},
+    each reported on one stderr line when it happens; `LastFinite` keeps its weights from before."""
+
+    def __init__(self, diverged: dict[int, int], last_finite: LastFinite, seed: int):
+        self.diverged, self.last_finite, self.seed = diverged, last_finite, seed
+
+    def check(self, epoch: int, epoch_loss: torch.Tensor, metrics: torch.Tensor | None) -> bool:
+        """Note the replicates that diverged in this epoch (one host sync); True when all have."""
+        R = len(epoch_loss)
+        finite = torch.isfinite(epoch_loss)
+        if metrics is not None:  # the last step of the epoch may be the one that broke the weights
+            finite &= torch.isfinite(metrics).flatten(1).all(1)
+        for r in (~finite).nonzero().flatten().tolist():
+            if r not in self.diverged:
+                self.diverged[r] = epoch
+                self.last_finite.diverged(r)
+                who = f"seed {self.seed + r}" + (f", replicate {r} of {R}" if R > 1 else "")
+                then = "the other replicates train on" if len(self.diverged) < R else "training stopped"
+                print(
+                    f"modnets: diverged: NaN or inf loss in epoch {epoch} ({who}); its results.json gets status "
+                    f"'diverged' with the evaluations before it, {then} (try a lower optimizer.lr)",
+                    file=sys.stderr, flush=True,
+                )
+        return len(self.diverged) == R
+
+
 def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, extra_state=None) -> dict[int, int]:
     """The training loop: every epoch, shuffled minibatches; every `eval_every` epochs, metrics.
 
@@ -255,7 +294,7 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     for epoch, metrics in saver.evals:  # the history so far, as if it had just been evaluated
         on_eval(epoch, metrics.to(task.x.device))
     saver.restore_extra()
-    diverged = saver.diverged
+    divergence = Divergence(saver.diverged, last_finite, seed=int(cfg.seed))
     plain = task.noise <= 0 and not noise_shapes and saver.path is None
     orders = orders_at_once(generators, n_train, plain)
     for epoch in range(start + 1, int(tr.epochs) + 1):
@@ -274,36 +313,18 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
         xs, ys, ids = (t.split(batch, 1) for t in (x_epoch, task.y[rows], task.task_id[rows]))
         for s in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            if hand is not None:  # the same numbers as the autograd path below, without its graph
+            if hand is not None:  # the same numbers as autograd_step, without its graph
                 losses = hand(xs[s], ys[s])
             else:
                 part = slice(s * batch, (s + 1) * batch)
                 noise = {k: v[:, part] if per_sample else v[:, s : s + 1] for k, v in r_noise.items()}
-                logits = model(xs[s], ids[s], noise)
-                per_output = F.binary_cross_entropy_with_logits(logits, ys[s], reduction="none")
-                losses = per_output.mean((1, 2))
-                extra = method.loss(model, per_output, progress) if method is not None else None
-                (losses.sum() if extra is None else losses.sum() + extra.sum()).backward()
+                losses = autograd_step(model, (xs[s], ys[s], ids[s], noise), progress)
             epoch_loss += losses.detach()  # NaN and inf stick: checked once per epoch, no sync per step
             optimizer.step()
         scheduler.step()
         due = epoch % int(tr.eval_every) == 0 or epoch == int(tr.epochs)
         metrics = evaluator(model, R) if due else None
-        finite = torch.isfinite(epoch_loss)
-        if metrics is not None:  # the last step of the epoch may be the one that broke the weights
-            finite &= torch.isfinite(metrics).flatten(1).all(1)
-        for r in (~finite).nonzero().flatten().tolist():  # one sync per epoch
-            if r not in diverged:
-                diverged[r] = epoch
-                last_finite.diverged(r)
-                who = f"seed {int(cfg.seed) + r}" + (f", replicate {r} of {R}" if R > 1 else "")
-                then = "the other replicates train on" if len(diverged) < R else "training stopped"
-                print(
-                    f"modnets: diverged: NaN or inf loss in epoch {epoch} ({who}); its results.json gets status "
-                    f"'diverged' with the evaluations before it, {then} (try a lower optimizer.lr)",
-                    file=sys.stderr, flush=True,
-                )
-        if len(diverged) == R:
+        if divergence.check(epoch, epoch_loss, metrics):
             break
         if metrics is not None:
             last_finite.evaluated()  # the weights these metrics come from
@@ -314,7 +335,7 @@ def fit(cfg, task, model, optimizer, scheduler, generators, evaluator, on_eval, 
     if orders is not None:
         orders.sync()  # the generators as the replicates' own randperm calls would have left them
     last_finite.restore()
-    return diverged
+    return divergence.diverged
 
 
 def set_deterministic(on: bool, device: torch.device) -> None:
