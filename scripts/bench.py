@@ -157,6 +157,18 @@ def compose_seconds() -> float:
     return float(out.stdout.split()[-1])
 
 
+MACHINE_SPEED = "a fixed Python loop (10^7 additions)"
+
+
+def machine_speed() -> float:
+    """Seconds of a fixed pure-Python loop in a fresh process: how fast this machine is right now.
+    A shared machine's speed drifts by half or more within minutes (1.0-1.7 s here on 2026-11-27,
+    at load 0): timings taken while this number is high are not the quiet machine's."""
+    code = "import time\nt = time.perf_counter()\ns = 0\nfor i in range(10_000_000):\n    s += i\nprint(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return float(out.stdout)
+
+
 def median_of(repeats: int, fn) -> dict:
     """Per key, the median over `repeats` calls of fn() (a dict of numbers, or of dicts of numbers)."""
     return medians([fn() for _ in range(repeats)])
@@ -357,13 +369,16 @@ def main() -> None:
             Path(args.out).write_text(json.dumps({"torch": torch.__version__, "sync_check": checks}, indent=1))
         return
     if args.targets or args.startup:
-        load = os.getloadavg()[0]
-        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f} (timings need a quiet machine)")
-        meta = {"torch": torch.__version__, "load_average": os.getloadavg()[0]}
+        load, speed = os.getloadavg()[0], machine_speed()
+        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f}, {MACHINE_SPEED} {speed:.2f} s"
+              " (timings need a quiet machine)")
+        meta = {"torch": torch.__version__, "load_average": load, "machine_speed_s": [speed]}
         if args.startup:
             meta["startup"] = startup(args.repeats, args.threads)
         if args.targets:
             meta["targets"] = targets(args.repeats, args.threads)
+        meta["machine_speed_s"].append(machine_speed())
+        print(f"{MACHINE_SPEED} at the end: {meta['machine_speed_s'][-1]:.2f} s")
         if args.out:
             Path(args.out).write_text(json.dumps(meta, indent=1))
         return
