@@ -15,7 +15,8 @@ goes on: the results file, not W&B, is the record of a run. `wandb.init` gives u
 `init_timeout` seconds (no network for `online`), and after one failed start the worker opens
 no more runs, so R replicates cost one timeout, not R; `finish` waits at most `finish_timeout`
 seconds for uploads. A W&B directory on a (nearly) full disk is reported the same way.
-`log_image` sends the image file's bytes and `log_table` the rows: the worker makes W&B's objects.
+`log_image` sends the image file's bytes, `log_table` the rows and `log_picture` what a circuit
+picture shows (the worker draws it, `modnets.draw`): the worker makes W&B's objects.
 """
 
 from __future__ import annotations
@@ -372,6 +373,8 @@ def _import_wandb():
 
 @contextlib.contextmanager
 def _no_attribute_docstrings():
+    """pydantic's reading of class sources for fields' docstrings off, inside the block (another
+    pydantic version without it: as it is)."""
     try:
         from pydantic._internal import _fields
     except ImportError:
