@@ -104,6 +104,13 @@ TARGETS = [
     ("cli_1024_disabled", "1024 replicates, W&B off: end to end", 20.0, "s"),
     ("outside_1024", "  outside training (build, results, recovery, writing files)", 3.0, "s"),
 ]
+# The commit the targets were set against, and its figures then (seconds, quiet 2-core machine):
+# `--targets --baseline DIR` (DIR a checkout of it) runs the same commands there, beside this
+# checkout's, and scales each measurement by its command's figure over the baseline's time now.
+BASELINE_COMMIT = "4dd7aeb"
+BASELINE = {
+    "cli_1_offline": 6.8, "train_1": 2.0, "cli_32_disabled": 6.4, "cli_32_offline": 12.7, "cli_1024_disabled": 25.7,
+}
 
 
 def cli_run(replicates: int, mode: str, threads: int | None, device: str = "cpu", tree: Path = ROOT) -> dict:
@@ -312,27 +319,51 @@ def sync_check(preset: str, replicates: int, epochs: tuple[int, int] = (20, 60))
             "places": dict(places.most_common(10))}
 
 
-def targets(repeats: int, threads: int | None) -> list[dict]:
-    """Measure every target (medians of `repeats`) and print it beside its limit."""
-    one = median_of(repeats, lambda: cli_run(1, "offline", threads))
-    steps = 200 * math.ceil(51 / 8)  # the modular preset: 200 epochs of 51 training rows at batch 8
+def targets(repeats: int, threads: int | None, baseline: Path | None = None) -> list[dict]:
+    """Measure every target (medians of `repeats`) and print it beside its limit. With `baseline`,
+    a checkout of the commit the targets were set against (`BASELINE_COMMIT`), each command also
+    runs there, right after this checkout's, and each measurement is also given in the units of the
+    machine that set the targets: times the issue's figure for that command over the baseline's
+    time now (`scaled`), pair by pair, medians (the W&B row by the disabled baseline's pair)."""
+    trees = [ROOT] if baseline is None else [ROOT, baseline.resolve()]
+    both = lambda R, mode: [cli_run(R, mode, threads, tree=tree) for tree in trees]  # noqa: E731
+    one = [both(1, "offline") for _ in range(repeats)]
     # W&B off and on back to back, so that the machine's drift (minutes) cancels from each difference
-    pairs = [(cli_run(32, "disabled", threads), cli_run(32, "offline", threads)) for _ in range(repeats)]
-    on32 = medians([o for _, o in pairs])
-    per_run = lambda key: statistics.median((o[key] - d[key]) / 32 * 1e3 for d, o in pairs)  # noqa: E731
-    big = median_of(max(1, repeats // 2), lambda: cli_run(1024, "disabled", threads))
-    measured = {
-        "cli_1_offline": one["wall"], "train_1": one["train"], "step_1": one["train"] / steps * 1e3,
-        "cli_32_offline": on32["wall"], "wandb_per_run": per_run("wall"),
-        "cli_1024_disabled": big["wall"], "outside_1024": big["inside"] - big["train"] + big["writing"],
+    pairs = [(both(32, "disabled"), both(32, "offline")) for _ in range(repeats)]
+    big = [both(1024, "disabled") for _ in range(max(1, repeats // 2))]
+    steps = 200 * math.ceil(51 / 8)  # the modular preset: 200 epochs of 51 training rows at batch 8
+    per_run = lambda d, o, key="wall": (o[key] - d[key]) / 32 * 1e3  # noqa: E731
+    outside = lambda r: r["inside"] - r["train"] + r["writing"]  # noqa: E731
+    measures = {  # target: (the runs it is read from, its value from this checkout's run, the baseline's run that scales it)
+        "cli_1_offline": (one, lambda r: r[0]["wall"], lambda r: (r[1]["wall"], "cli_1_offline")),
+        "train_1": (one, lambda r: r[0]["train"], lambda r: (r[1]["train"], "train_1")),
+        "step_1": (one, lambda r: r[0]["train"] / steps * 1e3, lambda r: (r[1]["train"], "train_1")),
+        "cli_32_offline": (pairs, lambda p: p[1][0]["wall"], lambda p: (p[1][1]["wall"], "cli_32_offline")),
+        "wandb_per_run": (pairs, lambda p: per_run(p[0][0], p[1][0]), lambda p: (p[0][1]["wall"], "cli_32_disabled")),
+        "cli_1024_disabled": (big, lambda r: r[0]["wall"], lambda r: (r[1]["wall"], "cli_1024_disabled")),
+        "outside_1024": (big, lambda r: outside(r[0]), lambda r: (r[1]["wall"], "cli_1024_disabled")),
     }
     rows = []
-    print(f"{'target':<62} {'measured':>9} {'limit':>7}  met")
+    header = f"{'target':<62} {'measured':>9}"
+    if baseline is not None:
+        header += f" {'baseline now':>13} {'its figure':>11} {'scaled':>9}"
+    print(f"{header} {'limit':>7}  met")
     for key, what, limit, unit in TARGETS:
-        value = measured[key]
-        rows.append({"target": key, "measured": round(value, 3), "limit": limit, "unit": unit, "met": value <= limit})
-        print(f"{what:<62} {value:>7.2f}{unit:>2} {limit:>5.1f}{unit:>2}  {'yes' if value <= limit else 'NO'}")
-    wandb_cpu = per_run("cpu")  # not a target: the W&B work itself, on any core
+        runs, value_of, scale_of = measures[key]
+        value = statistics.median(value_of(r) for r in runs)
+        row = {"target": key, "measured": round(value, 3), "limit": limit, "unit": unit}
+        line = f"{what:<62} {value:>7.2f}{unit:>2}"
+        judged = value
+        if baseline is not None:
+            now = statistics.median(scale_of(r)[0] for r in runs)
+            figure = BASELINE[scale_of(runs[0])[1]]
+            judged = statistics.median(value_of(r) * figure / scale_of(r)[0] for r in runs)
+            row |= {"baseline_now_s": round(now, 3), "baseline_figure_s": figure, "scaled": round(judged, 3)}
+            line += f" {now:>11.2f} s {figure:>9.2f} s {judged:>7.2f}{unit:>2}"
+        row["met"] = judged <= limit
+        rows.append(row)
+        print(f"{line} {limit:>5.1f}{unit:>2}  {'yes' if judged <= limit else 'NO'}")
+    wandb_cpu = statistics.median(per_run(d[0], o[0], "cpu") for d, o in pairs)  # not a target: the W&B work, on any core
     print(f"{'  (W&B CPU per replicate run: worker + service, offline minus disabled)':<62} {wandb_cpu:>7.2f}ms")
     rows.append({"target": "wandb_cpu_per_run", "measured": round(wandb_cpu, 3), "limit": None, "unit": "ms", "met": None})
     return rows
@@ -348,6 +379,9 @@ def main() -> None:
     parser.add_argument("--cli-replicates", nargs="*", type=int, default=[1, 32], help="R for the end-to-end CLI timings")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--targets", action="store_true", help="only the interactive-speed targets, beside the measurements")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help=f"with --targets: a checkout of {BASELINE_COMMIT}, the code the targets were set against, "
+                        "run beside this one (each target also in that machine's units)")
     parser.add_argument("--startup", action="store_true", help="only the breakdown of one end-to-end run")
     parser.add_argument("--step", action="store_true", help="only ms per training step of --cases at --replicates")
     parser.add_argument("--sync-check", action="store_true", help="only host syncs per epoch of CUDA training of --cases")
@@ -376,7 +410,7 @@ def main() -> None:
         if args.startup:
             meta["startup"] = startup(args.repeats, args.threads)
         if args.targets:
-            meta["targets"] = targets(args.repeats, args.threads)
+            meta["targets"] = targets(args.repeats, args.threads, args.baseline)
         meta["machine_speed_s"].append(machine_speed())
         print(f"{MACHINE_SPEED} at the end: {meta['machine_speed_s'][-1]:.2f} s")
         if args.out:
