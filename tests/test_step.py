@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import modnets.step
 import modnets.train
-from modnets.step import LANES, SMALL_BMM, dot, from_lanes, hand_step, to_lanes
+from modnets.step import SMALL_BMM, dot, from_lanes, hand_step, to_lanes
 from modnets.train import Evaluator, build, fit
 
 COVERED = [
@@ -17,6 +18,15 @@ COVERED = [
     ["experiment=modular", "router.tau=0.5", "optimizer.lr=0.05"],  # a temperature: gradients divided by it
     ["experiment=modular", "model.widen=4", "model.hidden=[40]"],  # products over torch's small-bmm bound: BLAS
 ]
+
+
+LANES = 64  # replicates at which these tests run the lane step (modnets.step.LANES is higher: speed)
+
+
+@pytest.fixture(autouse=True)
+def lanes_from_64(monkeypatch):
+    """The lane step from LANES replicates in every test here, so that it is tested at a size that builds fast."""
+    monkeypatch.setattr(modnets.step, "LANES", LANES)
 
 
 def autograd_step(model, x, task_id, y):
