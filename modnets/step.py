@@ -239,9 +239,10 @@ def bank_backward(bank: Bank, saved: tuple, grad: torch.Tensor, need_input: bool
 SMALL_BMM = 400  # torch's bound (aten bmm_out_or_baddbmm_) for its plain-loop small-matrix kernel
 # Replicates from which the lane layout is faster. One step of `experiment=modular` on a 2-core
 # CPU, 2 threads, lanes / bmm path (medians of 9 interleaved rounds): 1.8-2.0 at R = 64-128,
-# 1.6 at 256, 1.0-1.07 from 512 to 1536, 0.85 at 2048. The bmm path runs about 125 ops a step at
-# any R; the lane step several hundred, which pay off only when each covers thousands of replicates.
-LANES = 2048
+# 1.6 at 256, 1.07 at 512, 1.0 at 768, 0.94-1.05 at 1024, 0.85 at 2048; whole training runs at
+# R = 1024 (3 alternating pairs): 18.3 s in lanes, 19.1 s on the bmm path. The bmm path runs about
+# 125 ops a step at any R; the lane step several hundred, which pay off only over ~1000 replicates.
+LANES = 1024
 
 
 def to_lanes(t: torch.Tensor) -> torch.Tensor:
