@@ -321,3 +321,20 @@ def test_without_a_true_circuit_the_learned_network_is_drawn_alone(cfg_in, tmp_p
     assert not draw.comparable(p) and {m["state"] for tm in draw.marks(p) for layer in tm["layers"] for m in layer} == {None}
     width, _ = png_size(tmp_path / "run" / "circuit.png")
     assert width < 2 * (2 + draw.PANEL_W) * draw.COL_IN * draw.DPI  # one panel, not two
+
+
+def test_labels_rendered_once_give_the_same_png_bytes_as_pillow_alone(tmp_path, monkeypatch):
+    """`draw.font`'s cached glyph masks: several pictures (wrong wires, other tasks) drawn with them
+    and with Pillow's own fonts are the same files, and the cache serves most labels."""
+    from PIL import ImageFont
+
+    wrong = perfect([PRESETS[(6, 3, 3, 2, 2)]])
+    wrong["routing"]["inputs"][1][0][1] = [0, 2]
+    results = [perfect([PRESETS[(6, 3, 3, 2, 2)]]), wrong, perfect(MULTITASK, shared=True), perfect([PRESETS[(6, 3, 2, 2)]])]
+    draw.font.cache_clear()
+    cached = [draw.draw(draw.picture_of(r), tmp_path / f"cached{i}.png").read_bytes() for i, r in enumerate(results * 2)]
+    hits = sum(draw.font(px).getmask2.cache_info().hits for px in range(6, 40))
+    monkeypatch.setattr(draw, "font", lambda pixels: ImageFont.load_default(size=pixels))
+    plain = [draw.draw(draw.picture_of(r), tmp_path / f"plain{i}.png").read_bytes() for i, r in enumerate(results * 2)]
+    assert cached == plain
+    assert hits >= len(cached) // 2 * 10  # the second round of pictures: every label from the cache
