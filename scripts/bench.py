@@ -326,11 +326,17 @@ def targets(repeats: int, threads: int | None, baseline: Path | None = None) -> 
     machine that set the targets: times the issue's figure for that command over the baseline's
     time now (`scaled`), pair by pair, medians (the W&B row by the disabled baseline's pair)."""
     trees = [ROOT] if baseline is None else [ROOT, baseline.resolve()]
-    both = lambda R, mode: [cli_run(R, mode, threads, tree=tree) for tree in trees]  # noqa: E731
-    one = [both(1, "offline") for _ in range(repeats)]
+    def both(R: int, mode: str, i: int) -> list[dict]:
+        """This checkout's run and the baseline's (in that order), run in turn A B, then B A: a
+        drift during a pair falls on either side alike."""
+        order = trees if i % 2 == 0 else trees[::-1]
+        runs = {tree: cli_run(R, mode, threads, tree=tree) for tree in order}
+        return [runs[tree] for tree in trees]
+
+    one = [both(1, "offline", i) for i in range(repeats)]
     # W&B off and on back to back, so that the machine's drift (minutes) cancels from each difference
-    pairs = [(both(32, "disabled"), both(32, "offline")) for _ in range(repeats)]
-    big = [both(1024, "disabled") for _ in range(max(1, repeats // 2))]
+    pairs = [(both(32, "disabled", i), both(32, "offline", i + 1)) for i in range(repeats)]
+    big = [both(1024, "disabled", i) for i in range(repeats if baseline is not None else max(1, repeats // 2))]
     steps = 200 * math.ceil(51 / 8)  # the modular preset: 200 epochs of 51 training rows at batch 8
     per_run = lambda d, o, key="wall": (o[key] - d[key]) / 32 * 1e3  # noqa: E731
     outside = lambda r: r["inside"] - r["train"] + r["writing"]  # noqa: E731
