@@ -323,9 +323,10 @@ def targets(repeats: int, threads: int | None, baseline: Path | None = None) -> 
     """Measure every target (medians of `repeats`) and print it beside its limit. With `baseline`,
     a checkout of the commit the targets were set against (`BASELINE_COMMIT`), each command also
     runs there, right after this checkout's, and each measurement is also given in the units of the
-    machine that set the targets: times the issue's figure for that command over the baseline's
+    machine that set the targets: times that command's figure then (`BASELINE`) over the baseline's
     time now (`scaled`), pair by pair, medians (the W&B row by the disabled baseline's pair)."""
     trees = [ROOT] if baseline is None else [ROOT, baseline.resolve()]
+
     def both(R: int, mode: str, i: int) -> list[dict]:
         """This checkout's run and the baseline's (in that order), run in turn A B, then B A: a
         drift during a pair falls on either side alike."""
